@@ -1,0 +1,54 @@
+"""autocompress: find how to compress a Vision Transformer for a measured latency or memory budget.
+
+    import autocompress
+    result = autocompress.search("examples/fashion_mnist.yaml", budget="latency=0.5x", trials=40)
+    result.pareto            # feasible Pareto front (pandas), with test accuracy
+    result.best_policy       # autocompress.Policy
+    small = autocompress.apply(model, result.best_policy)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from autocompress.budget import Budget
+from autocompress.compose import apply_policy, load_compressed, save_compressed
+from autocompress.config import RunConfig, load_config
+from autocompress.costs import measure_latency, memory_mb, weight_bytes
+from autocompress.errors import AutocompressError, InputError, TechniqueError
+from autocompress.hookspecs import hookimpl
+from autocompress.pluginmanager import Plugins, load_plugins
+from autocompress.policy import Policy
+from autocompress.results import SearchResult
+from autocompress.space import SearchSpace
+from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApplyContext", "AutocompressError", "Budget", "InputError", "Plugins", "Policy", "RunConfig", "SearchResult",
+    "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "apply", "hookimpl",
+    "load_compressed", "load_config", "load_plugins", "measure_latency", "memory_mb", "save_compressed", "search",
+    "weight_bytes",
+]
+
+
+def search(*args: Any, **kwargs: Any) -> SearchResult:
+    """See :func:`autocompress.search.search` (imported lazily: it pulls in Optuna)."""
+    from autocompress.search import search as _search
+
+    return _search(*args, **kwargs)
+
+
+def apply(model: nn.Module, policy: Policy | str, plugins: Plugins | None = None,
+          ctx: ApplyContext | None = None) -> nn.Module:
+    """The compressed copy of ``model`` under ``policy`` (a Policy or a YAML file path)."""
+    from autocompress.compose import check_policy
+
+    if not isinstance(policy, Policy):
+        policy = Policy.load(policy)
+    plugins = plugins or load_plugins()
+    check_policy(policy, model, plugins.techniques)
+    return apply_policy(model, policy, plugins.techniques, ctx)

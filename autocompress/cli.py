@@ -1,0 +1,160 @@
+"""The ``autocompress`` command: a thin layer over the Python API.
+
+Input errors print one line naming the field or file and exit with status 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from autocompress.errors import AutocompressError, InputError, NoFeasiblePolicy
+
+EXIT_INPUT = 2
+EXIT_NO_FEASIBLE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autocompress",
+        description="Find the compression policy of a timm Vision Transformer with the best accuracy that meets a "
+        "measured latency or memory budget.",
+    )
+    parser.add_argument("--block-plugin", action="append", default=[], metavar="NAME",
+                        help="do not load the plugin NAME (repeatable; also AUTOCOMPRESS_BLOCK_PLUGINS=a,b)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("search", help="search policies under a budget and write a run directory",
+                       description="Search compression policies for the config's model under a budget. Writes "
+                       "trials.csv, pareto.csv, best_policy.yaml, best_model.pt and the Optuna storage to --out.")
+    s.add_argument("config", help="run config YAML (see examples/fashion_mnist.yaml)")
+    s.add_argument("--trials", type=int, help="number of trials (default: the config's search.trials)")
+    s.add_argument("--budget", help="latency=0.5x | latency_ms=X | memory_mb=X | memory=0.25x")
+    s.add_argument("--sampler", choices=["tpe", "nsga2", "random"], help="Optuna sampler (default tpe)")
+    s.add_argument("--seed", type=int, help="sampler and trial seed")
+    s.add_argument("--space", help="search space file or builtin name (default: the config's)")
+    s.add_argument("--out", help="run directory (default: the config's out)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished trials")
+    s.add_argument("--backend", choices=["optuna"], help="search backend (default optuna)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    a = sub.add_parser("apply", help="compress the config's model with a policy and save it",
+                       description="Rebuild the compressed model a policy describes and save it (load it back with "
+                       "autocompress.load_compressed).")
+    a.add_argument("policy", help="policy YAML (e.g. RUN_DIR/best_policy.yaml)")
+    a.add_argument("--config", required=True, help="run config YAML naming the model and checkpoint")
+    a.add_argument("--out", required=True, help="file to write the compressed model to (.pt)")
+    a.add_argument("--no-measure", action="store_true", help="skip measuring latency and accuracy")
+
+    p = sub.add_parser("plugins", help="list installed technique plugins",
+                       description="List the plugins found in the 'autocompress' entry-point group.")
+    p.add_argument("--all", action="store_true", help="also list plugins that failed to load, with the reason")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except InputError as exc:
+        print(f"autocompress: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except NoFeasiblePolicy as exc:
+        print(f"autocompress: {exc}", file=sys.stderr)
+        return EXIT_NO_FEASIBLE
+    except AutocompressError as exc:
+        print(f"autocompress: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("autocompress: interrupted; finished trials are saved (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "plugins":
+        return _plugins(args)
+    if args.command == "search":
+        return _search(args)
+    if args.command == "apply":
+        return _apply(args)
+    raise AssertionError(args.command)
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from autocompress.pluginmanager import load_plugins
+
+    plugins = load_plugins(block=args.block_plugin)
+    rows = []
+    for info in plugins.info:
+        stage = ",".join(sorted({plugins.techniques[t].stage.name.lower() for t in info.techniques})) or "-"
+        status = "ok" if not info.error else f"ERROR {info.error}"
+        rows.append((info.name, info.distribution, info.version, stage, ",".join(info.techniques) or "-", status))
+    header = ("name", "distribution", "version", "stage", "techniques", "status")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    for row in [header, *rows]:
+        if row is not header and row[5] != "ok" and not args.all:
+            continue
+        print("  ".join(str(v).ljust(w) for v, w in zip(row[:5], widths)) + "  " + row[5])
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from autocompress.config import load_config
+    from autocompress.search import search
+
+    config = load_config(args.config)
+    if args.block_plugin:
+        config.plugins.setdefault("block", [])
+        config.plugins["block"] = list(config.plugins["block"]) + list(args.block_plugin)
+    result = search(
+        config, budget=args.budget, trials=args.trials, sampler=args.sampler, seed=args.seed, space=args.space,
+        out=args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
+    )
+    print(f"run directory: {result.run_dir}")
+    if not result.feasible:
+        raise NoFeasiblePolicy(
+            f"no policy met the budget {result.budget} in {len(result.trials)} trials; the closest are in "
+            f"{result.run_dir / 'trials.csv'}"
+        )
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from autocompress.compose import check_policy, save_compressed
+    from autocompress.config import load_config
+    from autocompress.costs import measure_latency, memory_mb
+    from autocompress.evaluate import accuracy
+    from autocompress.pluginmanager import load_plugins
+    from autocompress.policy import Policy
+    from autocompress.runner import example_batch, compress, load_data, load_model
+
+    config = load_config(args.config)
+    policy = Policy.load(args.policy)
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError("--out", f"{out} is a directory; give a file name")
+    plugins = load_plugins(block=list(config.plugins.get("block", [])) + args.block_plugin)
+    data = load_data(config)
+    model = load_model(config, data)
+    if policy.model and policy.model != config.model.name:
+        raise InputError(f"{args.policy}.model", f"policy was made for {policy.model!r}, config has {config.model.name!r}")
+    check_policy(policy, model, plugins.techniques, source=args.policy)
+    compressed = compress(model, policy, plugins.techniques, config, data, seed=config.search.seed)
+    save_compressed(out, compressed, policy, config.model.name, config.model.kwargs)
+    print(f"wrote {out}")
+    if not args.no_measure:
+        t = config.target
+        example = example_batch(data, t.batch_size)
+        base_ms = measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms
+        comp_ms = measure_latency(compressed, example, t.threads, t.warmup, t.repeats).median_ms
+        print(f"latency  {base_ms:8.2f} ms -> {comp_ms:8.2f} ms  ({base_ms / comp_ms:.2f}x, batch {t.batch_size}, "
+              f"{t.threads} threads)")
+        print(f"memory   {memory_mb(model):8.3f} MB -> {memory_mb(compressed):8.3f} MB")
+        print(f"val acc  {accuracy(model, data.val):8.4f}    -> {accuracy(compressed, data.val):8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The run configuration: one YAML file names the model, the data, the target, the budget and the space.
+
+Every key is checked; a wrong one fails with an error naming it (``config.target.threads: must be ...``). Relative
+paths are taken relative to the config file, so a config can be run from anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from autocompress.errors import InputError
+from autocompress.policy import _yaml_where
+
+DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # local file: .pt/.pth (loaded with weights_only=True) or .safetensors
+    train_if_missing: dict[str, Any] | None = None  # {epochs, lr, batch_size}: train the base once and cache it
+
+
+@dataclass
+class DataConfig:
+    kind: str = "fashion_mnist"  # fashion_mnist | image_folder
+    path: str = DEFAULT_FASHION_MNIST
+    val_size: int = 5000  # carved from the training split, seeded
+    calibration_size: int = 512  # training images for calibration (activation-aware ranks, importance)
+    train_subset: int = 10000  # training images for recovery training
+    image_size: int = 28  # image_folder only
+    channels: int = 1  # image_folder only
+    seed: int = 0
+
+
+@dataclass
+class TargetConfig:
+    threads: int = 2
+    batch_size: int = 256
+    warmup: int = 3
+    repeats: int = 10
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 40
+    sampler: str = "tpe"  # tpe | nsga2 | random
+    seed: int = 0
+    backend: str = "optuna"
+    timeout_s: float | None = None
+    trial_timeout_s: float | None = None
+    baselines: bool = True  # enqueue the uncompressed and uniform policies first
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    budget: str = "latency=0.5x"
+    space: str = "vit"
+    out: str = "runs/latest"
+    plugins: dict[str, Any] = field(default_factory=dict)  # {block: [names]}
+    source: str = "config"  # where it came from, for messages
+    base_dir: str = "."  # relative paths are resolved against this
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        data.pop("base_dir")
+        return data
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "target": TargetConfig, "search": SearchConfig}
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read config ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+    config = config_from_dict(data, source="config", base_dir=path.resolve().parent)
+    for key, value in (overrides or {}).items():
+        set_dotted(config, key, value)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: Any, source: str = "config", base_dir: str | Path = ".") -> RunConfig:
+    if not isinstance(data, Mapping):
+        raise InputError(source, "a config must be a YAML mapping")
+    config = RunConfig(source=source, base_dir=str(base_dir))
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise InputError(f"{source}.{key}", "must be a mapping")
+            section = getattr(config, key)
+            names = {f.name: f for f in dataclasses.fields(section)}
+            for sub, sub_value in value.items():
+                if sub not in names:
+                    raise InputError(f"{source}.{key}.{sub}", f"unknown key (expected one of: {', '.join(names)})")
+                setattr(section, sub, _coerce(sub_value, names[sub], f"{source}.{key}.{sub}"))
+        elif key in ("budget", "space", "out"):
+            if not isinstance(value, str):
+                raise InputError(f"{source}.{key}", "must be a string")
+            setattr(config, key, value)
+        elif key == "plugins":
+            if not isinstance(value, Mapping) or set(value) - {"block"}:
+                raise InputError(f"{source}.plugins", "must be a mapping with 'block: [names]'")
+            config.plugins = dict(value)
+        else:
+            raise InputError(
+                f"{source}.{key}",
+                "unknown key (expected: model, data, target, search, budget, space, out, plugins)",
+            )
+    return config
+
+
+def set_dotted(config: RunConfig, key: str, value: Any) -> None:
+    """Apply a command-line override such as ``search.trials=10``."""
+    head, _, tail = key.partition(".")
+    if tail and head in _SECTIONS:
+        section = getattr(config, head)
+        names = {f.name: f for f in dataclasses.fields(section)}
+        if tail not in names:
+            raise InputError(f"{config.source}.{key}", "unknown key")
+        setattr(section, tail, _coerce(value, names[tail], f"{config.source}.{key}"))
+    elif not tail and head in ("budget", "space", "out"):
+        setattr(config, head, value)
+    else:
+        raise InputError(f"{config.source}.{key}", "unknown key")
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None:
+        if "None" in kind:
+            return None
+        raise InputError(where, "must not be empty")
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(where, f"must be an integer, got {value!r}")
+        return value
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(where, f"must be a number, got {value!r}")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InputError(where, f"must be true or false, got {value!r}")
+        return value
+    if kind.startswith("str"):
+        if not isinstance(value, str):
+            raise InputError(where, f"must be a string, got {value!r}")
+        return value
+    if kind.startswith("dict"):
+        if not isinstance(value, Mapping):
+            raise InputError(where, "must be a mapping")
+        return dict(value)
+    return value
+
+
+def validate(config: RunConfig) -> None:
+    """Check values that are well-typed but impossible."""
+    src = config.source
+    if not config.model.name:
+        raise InputError(f"{src}.model.name", "a timm model name is required")
+    positive = {
+        "target.threads": config.target.threads,
+        "target.batch_size": config.target.batch_size,
+        "target.repeats": config.target.repeats,
+        "search.trials": config.search.trials,
+        "data.val_size": config.data.val_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise InputError(f"{src}.{key}", f"must be at least 1, got {value}")
+    if config.target.warmup < 0:
+        raise InputError(f"{src}.target.warmup", "must be 0 or more")
+    if config.search.sampler not in ("tpe", "nsga2", "random"):
+        raise InputError(f"{src}.search.sampler", f"unknown sampler {config.search.sampler!r} (tpe, nsga2, random)")
+    if config.data.kind not in ("fashion_mnist", "image_folder"):
+        raise InputError(f"{src}.data.kind", f"unknown data kind {config.data.kind!r} (fashion_mnist, image_folder)")
+    from autocompress.budget import Budget  # local: budget parsing owns its messages
+
+    Budget.parse(config.budget, field=f"{src}.budget")
+
+

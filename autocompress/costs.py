@@ -1,0 +1,101 @@
+"""Costs of a realised model: measured latency and the bytes its weights take as stored.
+
+Latency is never derived from FLOPs or bit counts: the model runs on the target (thread count, batch size) after
+warm-up, several times, and the median is kept. Memory is the byte count of the state dict the model would be saved
+with (packed low-bit weights count at their packed size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    samples_ms: tuple[float, ...]
+
+    @property
+    def spread(self) -> float:
+        """Relative interquartile range: how much to trust the median."""
+        if len(self.samples_ms) < 4:
+            return 0.0
+        q = statistics.quantiles(self.samples_ms, n=4)
+        return (q[2] - q[0]) / self.median_ms if self.median_ms else 0.0
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> Latency:
+    """Median wall time of ``model(example)`` in milliseconds, after ``warmup`` untimed runs."""
+    model.eval()
+    samples = []
+    with num_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            model(example)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example)
+            samples.append((time.perf_counter() - start) * 1000.0)
+    return Latency(statistics.median(samples), tuple(samples))
+
+
+def compare_latency(
+    models: dict[str, nn.Module], example: torch.Tensor, threads: int | None = None, warmup: int = 3, repeats: int = 10
+) -> dict[str, Latency]:
+    """Measure several models interleaved (A B A B ...) so drifting machine load hits them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    with num_threads(threads), torch.inference_mode():
+        for model in models.values():
+            model.eval()
+            for _ in range(warmup):
+                model(example)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(example)
+                samples[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: Latency(statistics.median(s), tuple(s)) for name, s in samples.items()}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in the model's state dict, each storage counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else (id(tensor), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def memory_mb(model: nn.Module) -> float:
+    return weight_bytes(model) / 1e6

@@ -1,0 +1,171 @@
+"""A compression policy: per-layer settings keyed by module-name strings, plus global options, per technique.
+
+Policies are plain data, so they fit in YAML, in an Optuna trial's parameters and in a pandas row. Trial parameter
+names are stable across trials: ``"<layer>:<technique>.<knob>"`` for a layer setting (``blocks.3.attn.qkv:
+quantization.format``) and ``"<technique>.<knob>"`` for a global one (``distillation.steps``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from autocompress.errors import InputError
+from autocompress.technique import TechniqueSettings
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def param_name(technique: str, knob: str, layer: str | None = None) -> str:
+    """The stable search-parameter name of one knob."""
+    return f"{technique}.{knob}" if layer is None else f"{layer}:{technique}.{knob}"
+
+
+def parse_param_name(name: str) -> tuple[str, str, str | None]:
+    """``(technique, knob, layer)`` from a parameter name made by :func:`param_name`."""
+    layer, sep, rest = name.rpartition(":")
+    technique, dot, knob = rest.partition(".")
+    if not dot or not technique or not knob:
+        raise InputError(f"params.{name}", "expected '<layer>:<technique>.<knob>' or '<technique>.<knob>'")
+    return technique, knob, (layer if sep else None)
+
+
+@dataclass
+class Policy:
+    """Settings per technique. Empty means: the uncompressed model."""
+
+    techniques: dict[str, TechniqueSettings] = field(default_factory=dict)
+    model: str | None = None  # the model name the policy was made for, checked when it is applied
+
+    # --- search parameters ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Mapping[str, Any],
+        identities: Mapping[str, Any] | None = None,
+        model: str | None = None,
+    ) -> "Policy":
+        """Build a policy from trial parameters; values equal to ``identities[name]`` are left out."""
+        identities = identities or {}
+        policy = cls(model=model)
+        for name, value in params.items():
+            if name in identities and identities[name] == value:
+                continue
+            technique, knob, layer = parse_param_name(name)
+            settings = policy.techniques.setdefault(technique, TechniqueSettings())
+            if layer is None:
+                settings.options[knob] = value
+            else:
+                settings.layers.setdefault(layer, {})[knob] = value
+        return policy
+
+    def to_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for technique, settings in self.techniques.items():
+            for layer, knobs in settings.layers.items():
+                for knob, value in knobs.items():
+                    params[param_name(technique, knob, layer)] = value
+            for knob, value in settings.options.items():
+                params[param_name(technique, knob)] = value
+        return params
+
+    # --- plain data / YAML ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        techniques = {}
+        for name in sorted(self.techniques):
+            settings = self.techniques[name]
+            if settings.is_empty():
+                continue
+            entry: dict[str, Any] = {}
+            if settings.layers:
+                entry["layers"] = {layer: dict(knobs) for layer, knobs in settings.layers.items()}
+            if settings.options:
+                entry["options"] = dict(settings.options)
+            techniques[name] = entry
+        return {"model": self.model, "techniques": techniques}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "policy") -> "Policy":
+        if not isinstance(data, Mapping):
+            raise InputError(source, "a policy must be a mapping with 'techniques'")
+        unknown = set(data) - {"model", "techniques"}
+        if unknown:
+            raise InputError(f"{source}.{sorted(unknown)[0]}", "unknown key (expected 'model', 'techniques')")
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InputError(f"{source}.model", "must be a model name")
+        techniques_data = data.get("techniques") or {}
+        if not isinstance(techniques_data, Mapping):
+            raise InputError(f"{source}.techniques", "must be a mapping of technique name to settings")
+        techniques: dict[str, TechniqueSettings] = {}
+        for tech, entry in techniques_data.items():
+            where = f"{source}.techniques.{tech}"
+            if not isinstance(entry, Mapping):
+                raise InputError(where, "must be a mapping with 'layers' and/or 'options'")
+            bad = set(entry) - {"layers", "options"}
+            if bad:
+                raise InputError(f"{where}.{sorted(bad)[0]}", "unknown key (expected 'layers', 'options')")
+            layers = entry.get("layers") or {}
+            options = entry.get("options") or {}
+            if not isinstance(layers, Mapping):
+                raise InputError(f"{where}.layers", "must map module names to settings")
+            if not isinstance(options, Mapping):
+                raise InputError(f"{where}.options", "must map option names to values")
+            for layer, knobs in layers.items():
+                if not isinstance(knobs, Mapping):
+                    raise InputError(f"{where}.layers.{layer}", "must map knob names to values")
+                for knob, value in knobs.items():
+                    if not isinstance(value, _SCALARS):
+                        raise InputError(f"{where}.layers.{layer}.{knob}", "must be a number, string or bool")
+            for knob, value in options.items():
+                if not isinstance(value, _SCALARS):
+                    raise InputError(f"{where}.options.{knob}", "must be a number, string or bool")
+            techniques[str(tech)] = TechniqueSettings(
+                layers={str(k): dict(v) for k, v in layers.items()}, options=dict(options)
+            )
+        return cls(techniques=techniques, model=model)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "policy") -> "Policy":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InputError(source, f"not valid YAML ({_yaml_where(exc)})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InputError(str(path), f"cannot read policy ({exc.strerror or exc})") from None
+        return cls.from_yaml(text, source=str(path))
+
+    def summary(self) -> str:
+        """A short human description, e.g. for tables: ``quantization: 24 layers; pruning: 6 layers``."""
+        parts = []
+        for name, settings in sorted(self.techniques.items()):
+            bits = []
+            if settings.layers:
+                bits.append(f"{len(settings.layers)} layers")
+            if settings.options:
+                bits.append(", ".join(f"{k}={v}" for k, v in settings.options.items()))
+            parts.append(f"{name}: {'; '.join(bits)}")
+        return "; ".join(parts) or "uncompressed"
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)

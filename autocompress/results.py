@@ -1,0 +1,113 @@
+"""Search results: the trials table, the feasible Pareto front (with test accuracy), the best policy, and the
+files of a run directory (``trials.csv``, ``pareto.csv``, ``best_policy.yaml``, ``config.yaml``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from autocompress.policy import Policy
+
+RECORD_COLUMNS = [
+    "number", "state", "feasible", "val_accuracy", "latency_ms", "memory_mb", "speedup", "simulated", "baseline",
+    "policy", "skipped", "duration_s", "error",
+]
+
+
+@dataclass
+class SearchResult:
+    trials: pd.DataFrame
+    pareto: pd.DataFrame
+    best_policy: Policy | None
+    baseline: dict[str, float]
+    budget: str
+    limit: float
+    metric: str
+    run_dir: Path | None = None
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return None if self.pareto.empty else self.pareto.iloc[0].to_dict()
+
+    @property
+    def feasible(self) -> bool:
+        return self.best_policy is not None
+
+
+def trials_frame(rows: Iterable[dict[str, Any]], baseline_latency_ms: float) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows))
+    for col in RECORD_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    if len(frame):
+        frame["speedup"] = baseline_latency_ms / pd.to_numeric(frame["latency_ms"], errors="coerce")
+        frame["feasible"] = frame["feasible"].fillna(False).astype(bool)
+        frame = frame.sort_values("number", kind="stable").reset_index(drop=True)
+    params = sorted(c for c in frame.columns if c not in RECORD_COLUMNS)
+    return frame[RECORD_COLUMNS + params]
+
+
+def pareto_front(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Feasible, completed trials that no other such trial beats on both accuracy and the budgeted cost.
+
+    Sorted by validation accuracy (best first), then cost.
+    """
+    ok = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].copy()
+    ok = ok[pd.to_numeric(ok["val_accuracy"], errors="coerce").notna()]
+    if ok.empty:
+        return ok
+    acc = ok["val_accuracy"].astype(float).to_numpy()
+    cost = ok[metric].astype(float).to_numpy()
+    keep = []
+    for i in range(len(ok)):
+        dominated = any(
+            (acc[j] >= acc[i] and cost[j] <= cost[i]) and (acc[j] > acc[i] or cost[j] < cost[i]) for j in range(len(ok))
+        )
+        keep.append(not dominated)
+    front = ok[keep].sort_values(["val_accuracy", metric], ascending=[False, True], kind="stable")
+    # identical policies measured twice (e.g. a baseline re-sampled) are one point
+    return front.drop_duplicates(subset=["policy", "val_accuracy"]).reset_index(drop=True)
+
+
+def params_of(row: dict[str, Any], frame_columns: Iterable[str]) -> dict[str, Any]:
+    out = {}
+    for col in frame_columns:
+        if col in RECORD_COLUMNS:
+            continue
+        value = row.get(col)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        out[col] = value
+    return out
+
+
+def summary_table(result: SearchResult, limit_rows: int = 8) -> str:
+    """A plain-text table of the Pareto set, for the end of a search."""
+    base = result.baseline
+    lines = [
+        f"budget {result.budget}: {result.metric} <= {result.limit:.3f}  "
+        f"(uncompressed: {base['latency_ms']:.2f} ms, {base['memory_mb']:.3f} MB, val acc {base['val_accuracy']:.4f}"
+        + (f", test acc {base['test_accuracy']:.4f}" if "test_accuracy" in base else "")
+        + ")"
+    ]
+    n_ok = int((result.trials["state"] == "COMPLETE").sum()) if len(result.trials) else 0
+    n_feasible = int(result.trials["feasible"].sum()) if len(result.trials) else 0
+    lines.append(f"{len(result.trials)} trials, {n_ok} completed, {n_feasible} within budget")
+    if result.pareto.empty:
+        lines.append("no policy met the budget")
+        return "\n".join(lines)
+    header = f"{'trial':>5} {'val acc':>8} {'test acc':>8} {'latency ms':>10} {'speedup':>7} {'memory MB':>9}  policy"
+    lines.append(header)
+    for _, row in result.pareto.head(limit_rows).iterrows():
+        sim = " [simulated formats]" if row.get("simulated") else ""
+        test = row.get("test_accuracy")
+        test_s = f"{test:8.4f}" if isinstance(test, float) and not math.isnan(test) else f"{'-':>8}"
+        lines.append(
+            f"{int(row['number']):>5} {row['val_accuracy']:8.4f} {test_s} {row['latency_ms']:10.2f} "
+            f"{row['speedup']:7.2f} {row['memory_mb']:9.3f}  {row['policy']}{sim}"
+        )
+    return "\n".join(lines)

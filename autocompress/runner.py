@@ -1,0 +1,249 @@
+"""Everything one run needs, prepared once: plugins, base model, data, resolved space, budget and the baseline
+costs measured in this process. ``evaluate_params`` turns one set of search parameters into one trial record; both
+search backends (Optuna, Ray Tune) call it, so a trial means the same thing whichever ran it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from autocompress.budget import Budget
+from autocompress.compose import apply_policy, simulated_layers
+from autocompress.config import RunConfig
+from autocompress.costs import measure_latency, memory_mb
+from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
+from autocompress.errors import InputError, TechniqueError
+from autocompress.evaluate import accuracy
+from autocompress.models import create_model, load_checkpoint
+from autocompress.pluginmanager import Plugins, load_plugins
+from autocompress.policy import Policy
+from autocompress.space import ResolvedSpace, SearchSpace
+from autocompress.technique import ApplyContext, Stage
+
+Log = Callable[[str], None]
+
+
+class TrialStopped(Exception):
+    """Raised through a technique when the search asks a trial to stop early (its intermediate score is poor)."""
+
+
+@dataclass
+class Baseline:
+    latency_ms: float
+    memory_mb: float
+    val_accuracy: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy}
+
+
+@dataclass
+class RunContext:
+    config: RunConfig
+    plugins: Plugins
+    model: nn.Module
+    data: Dataset
+    space: ResolvedSpace
+    budget: Budget
+    example: torch.Tensor
+    baseline: Baseline
+    cache: dict[str, Any] = field(default_factory=dict)  # shared by all trials of the run (e.g. teacher outputs)
+    rebuildable: bool = True  # the model is a named timm architecture, so compressed models can be saved
+
+    @property
+    def limit(self) -> float:
+        return self.budget.limit(self.baseline.latency_ms, self.baseline.memory_mb)
+
+    @property
+    def techniques(self):
+        return self.plugins.techniques
+
+    def policy(self, params: dict[str, Any]) -> Policy:
+        return self.space.policy(params, model=self.config.model.name or None)
+
+    def measure(self, model: nn.Module) -> float:
+        t = self.config.target
+        return measure_latency(model, self.example, t.threads, t.warmup, t.repeats).median_ms
+
+    def compress(self, policy: Policy, seed: int = 0, report=None) -> nn.Module:
+        return compress(self.model, policy, self.techniques, self.config, self.data, seed, self.cache, report)
+
+
+def make_apply_context(
+    config: RunConfig, teacher: nn.Module, data: Dataset, seed: int,
+    cache: dict[str, Any] | None = None, report: Callable[[int, float], bool] | None = None,
+) -> ApplyContext:
+    """What techniques may use: calibration batches, the recovery-training subset, the teacher, a val probe."""
+    cal_n = min(config.data.calibration_size, len(data.train))
+    images = data.train.images
+
+    def calibration() -> Iterator[torch.Tensor]:
+        for start in range(0, cal_n, 64):
+            yield images[start : min(start + 64, cal_n)]
+
+    val_probe = data.val.head(2000)
+    n = config.data.train_subset
+    return ApplyContext(
+        seed=seed,
+        calibration=calibration,
+        train_data=(data.train.images[:n], data.train.labels[:n]),
+        teacher=teacher,
+        evaluate=lambda m: accuracy(m, val_probe),
+        report=report,
+        cache=cache if cache is not None else {},
+    )
+
+
+def compress(
+    model: nn.Module, policy: Policy, techniques, config: RunConfig, data: Dataset, seed: int,
+    cache: dict[str, Any] | None = None, report: Callable[[int, float], bool] | None = None,
+) -> nn.Module:
+    """The compressed copy of ``model``; the global RNG state is left as it was."""
+    with torch.random.fork_rng():
+        ctx = make_apply_context(config, model, data, seed, cache, report)
+        return apply_policy(model, policy, techniques, ctx)
+
+
+def prepare(
+    config: RunConfig,
+    plugins: Plugins | None = None,
+    model: nn.Module | None = None,
+    data: Dataset | None = None,
+    baseline: dict[str, float] | None = None,
+    log: Log = print,
+) -> RunContext:
+    """Load (or take) the pieces of a run and measure the uncompressed baseline, unless given (on resume)."""
+    torch.set_num_threads(config.target.threads)
+    if plugins is None:
+        plugins = load_plugins(block=config.plugins.get("block", ()))
+        for bad in plugins.errors:
+            log(f"warning: plugin {bad.name!r} ({bad.distribution}) not loaded: {bad.error}")
+    if data is None:
+        data = load_data(config)
+    rebuildable = model is None
+    if model is None:
+        model = load_model(config, data, log)
+    model.eval()
+    budget = config_budget(config)
+    space = SearchSpace.load(config.resolve_path(config.space) if _is_path(config.space) else config.space)
+    resolved = space.resolve(model, plugins.techniques)
+    example = example_batch(data, config.target.batch_size)
+    try:
+        with torch.inference_mode():
+            out = model(example[:2])
+    except Exception as exc:
+        raise InputError("model", f"the model cannot run on this data's images {tuple(example.shape[1:])} ({exc})") from None
+    if out.shape[-1] < int(data.train.labels.max()) + 1:
+        raise InputError("model.kwargs.num_classes", f"model has {out.shape[-1]} outputs, data has {len(data.classes)} classes")
+    if baseline is None:
+        log("measuring the uncompressed baseline ...")
+        t = config.target
+        base = Baseline(
+            latency_ms=measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms,
+            memory_mb=memory_mb(model),
+            val_accuracy=accuracy(model, data.val),
+        )
+    else:
+        base = Baseline(**baseline)
+    return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable)
+
+
+def config_budget(config: RunConfig) -> Budget:
+    return Budget.parse(config.budget, field=f"{config.source}.budget")
+
+
+def load_data(config: RunConfig) -> Dataset:
+    d = config.data
+    path = config.resolve_path(d.path)
+    field_name = f"{config.source}.data.path"
+    if d.kind == "fashion_mnist":
+        return load_fashion_mnist(path, d.val_size, d.seed, field=field_name)
+    return load_image_folder(path, d.image_size, d.channels, d.val_size, d.seed, field=field_name)
+
+
+def load_model(config: RunConfig, data: Dataset, log: Log = print) -> nn.Module:
+    m = config.model
+    model = create_model(m.name, m.kwargs, field=f"{config.source}.model")
+    if m.checkpoint is None:
+        raise InputError(f"{config.source}.model.checkpoint", "a local checkpoint is required (nothing is downloaded)")
+    path = config.resolve_path(m.checkpoint)
+    if not path.exists() and m.train_if_missing is not None:
+        from autocompress.train import train_base
+
+        log(f"base checkpoint {path} is missing: training it once (model.train_if_missing) ...")
+        train_base(model, data, path, **m.train_if_missing)
+    return load_checkpoint(model, path, field=f"{config.source}.model.checkpoint")
+
+
+def evaluate_params(
+    run: RunContext, params: dict[str, Any], number: int, report: Callable[[int, float], bool] | None = None
+) -> dict[str, Any]:
+    """Compress, measure, evaluate one candidate. Returns the trial record (a row of ``trials.csv``).
+
+    Costs come first and cheap ones first: memory (no run needed), then, when recovery training would be paid for,
+    latency on the structure-only model; a candidate over budget is not evaluated for accuracy.
+    """
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "number": number, "state": "COMPLETE", "feasible": False, "val_accuracy": math.nan,
+        "latency_ms": math.nan, "memory_mb": math.nan, "simulated": "", "policy": "", "skipped": "", "error": "",
+    }
+    seed = run.config.search.seed + number
+    metric, limit = run.budget.metric, run.limit
+    try:
+        policy = run.policy(params)
+        record["policy"] = policy.summary()
+        record["simulated"] = " ".join(simulated_layers(policy, run.techniques))
+        stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
+        if metric == "memory_mb" or Stage.RECOVERY in stages:
+            with torch.random.fork_rng():
+                skeleton = apply_policy(run.model, policy, run.techniques, ApplyContext(structure_only=True, seed=seed))
+            record["memory_mb"] = memory_mb(skeleton)
+            if metric == "memory_mb" and record["memory_mb"] > limit:
+                record["skipped"] = "memory over budget"
+            elif metric == "latency_ms":
+                pre = run.measure(skeleton)
+                if pre > limit * 1.15:  # clearly over: do not pay for training
+                    record["latency_ms"] = pre
+                    record["skipped"] = "latency over budget (before recovery training)"
+            del skeleton
+        if not record["skipped"]:
+            model = run.compress(policy, seed=seed, report=report)
+            record["memory_mb"] = memory_mb(model)
+            record["latency_ms"] = run.measure(model)
+            if record[metric] > limit:
+                record["skipped"] = f"{metric.split('_')[0]} over budget"
+            else:
+                acc = accuracy(model, run.data.val)
+                if not math.isfinite(acc):
+                    raise TechniqueError("validation accuracy is not a number")
+                record["val_accuracy"] = acc
+        record["feasible"] = not record["skipped"] and record[metric] <= limit
+    except TrialStopped as exc:
+        record["state"] = "PRUNED"
+        record["skipped"] = f"stopped early: {exc}"
+    except (TechniqueError, InputError) as exc:
+        record["state"], record["error"] = "FAIL", str(exc)
+    except Exception as exc:  # a bug anywhere in a plugin fails only this trial
+        record["state"] = "FAIL"
+        record["error"] = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2).splitlines()[-3].strip()}"
+    record["duration_s"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def example_batch(data: Dataset, batch_size: int) -> torch.Tensor:
+    images = data.val.images
+    reps = -(-batch_size // len(images))
+    return images.repeat(reps, *([1] * (images.dim() - 1)))[:batch_size].contiguous()
+
+
+def _is_path(space: str) -> bool:
+    return "/" in space or space.endswith((".yaml", ".yml")) or Path(space).suffix != ""

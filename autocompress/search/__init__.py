@@ -1,0 +1,165 @@
+"""Run a search: prepare the run, let a backend choose and evaluate trials, then write the results.
+
+Backends live one per module and are imported only when used (``BACKENDS``); each returns the trial rows, so the
+run directory looks the same whichever ran it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from autocompress.compose import save_compressed
+from autocompress.config import RunConfig, config_from_dict, load_config, validate
+from autocompress.data import Dataset
+from autocompress.errors import InputError
+from autocompress.evaluate import accuracy
+from autocompress.io import atomic_write_csv, atomic_write_text
+from autocompress.results import SearchResult, params_of, pareto_front, summary_table, trials_frame
+from autocompress.runner import RunContext, prepare
+
+__all__ = ["search", "BACKENDS", "finish_run"]
+
+#: backend name -> "module:function(run, run_dir, resume, progress) -> list of trial rows"
+BACKENDS = {
+    "optuna": "autocompress.search.optuna_search:run",
+}
+PARETO_TEST_ROWS = 10
+
+
+def search(
+    config: RunConfig | str | Path | dict | None = None,
+    *,
+    model: nn.Module | None = None,
+    data: Dataset | None = None,
+    budget: str | None = None,
+    space: str | None = None,
+    trials: int | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    backend: str | None = None,
+    plugins=None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    backend_options: dict[str, Any] | None = None,
+) -> SearchResult:
+    """Search compression policies for ``model`` on ``data`` under ``budget``; returns a :class:`SearchResult`.
+
+    ``config`` is a config file, a dict or a :class:`RunConfig`; keyword arguments override it. A model and data
+    given directly are used as they are (the model's weights are taken as the baseline).
+    """
+    config = _as_config(config)
+    overrides = {"budget": budget, "space": space, "out": None if out is None else str(out)}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if trials is not None:
+        config.search.trials = trials
+    if sampler is not None:
+        config.search.sampler = sampler
+    if seed is not None:
+        config.search.seed = seed
+    if backend is not None:
+        config.search.backend = backend
+    if model is not None and not config.model.name:
+        config.model.name = type(model).__name__
+    validate(config)
+    if config.search.backend not in BACKENDS:
+        raise InputError("search.backend", f"unknown backend {config.search.backend!r} ({', '.join(BACKENDS)})")
+
+    run_dir = config.resolve_path(config.out)
+    _check_run_dir(run_dir, resume)
+    baseline = _saved_baseline(run_dir) if resume else None
+    run = prepare(config, plugins=plugins, model=model, data=data, baseline=baseline, log=log)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(run_dir / "baseline.yaml", yaml.safe_dump(run.baseline.to_dict(), sort_keys=False))
+
+    module_name, func_name = BACKENDS[config.search.backend].split(":")
+    backend_run = getattr(importlib.import_module(module_name), func_name)
+    rows = backend_run(run, run_dir, resume, progress=progress, log=log, **(backend_options or {}))
+    return finish_run(run, rows, run_dir, log=log)
+
+
+def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None, log: Callable[[str], None] = print) -> SearchResult:
+    """From trial rows to the result: Pareto front, test accuracy of its members, files."""
+    metric = run.budget.metric
+    frame = trials_frame(rows, run.baseline.latency_ms)
+    front = pareto_front(frame, metric)
+    baseline = run.baseline.to_dict()
+    baseline["test_accuracy"] = accuracy(run.model, run.data.test)
+    best_policy = None
+    best_model = None
+    if not front.empty:
+        tests, vals = [], []
+        for i, row in front.iterrows():
+            if i >= PARETO_TEST_ROWS:
+                tests.append(math.nan)
+                vals.append(math.nan)
+                continue
+            policy = run.policy(params_of(row.to_dict(), frame.columns))
+            model = run.compress(policy, seed=run.config.search.seed + int(row["number"]))
+            tests.append(accuracy(model, run.data.test))
+            vals.append(accuracy(model, run.data.val))
+            if i == 0:
+                best_policy, best_model = policy, model
+        front["test_accuracy"] = tests
+        front["val_accuracy_rebuilt"] = vals
+        front["val_drop_points"] = 100 * (baseline["val_accuracy"] - front["val_accuracy"])
+        front["test_drop_points"] = 100 * (baseline["test_accuracy"] - front["test_accuracy"])
+    result = SearchResult(
+        trials=frame, pareto=front, best_policy=best_policy, baseline=baseline, budget=str(run.budget),
+        limit=run.limit, metric=metric, run_dir=run_dir,
+    )
+    if run_dir is not None:
+        atomic_write_csv(run_dir / "trials.csv", frame)
+        atomic_write_csv(run_dir / "pareto.csv", front)
+        atomic_write_text(run_dir / "baseline.yaml", yaml.safe_dump(baseline, sort_keys=False))
+        if best_policy is not None:
+            atomic_write_text(run_dir / "best_policy.yaml", best_policy.to_yaml())
+            if run.rebuildable:
+                save_compressed(run_dir / "best_model.pt", best_model, best_policy, run.config.model.name,
+                                run.config.model.kwargs)
+        elif (run_dir / "best_policy.yaml").exists():
+            os.unlink(run_dir / "best_policy.yaml")
+    log(summary_table(result))
+    return result
+
+
+def _as_config(config: RunConfig | str | Path | dict | None) -> RunConfig:
+    if config is None:
+        return RunConfig()
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / "baseline.yaml").is_file():
+            raise InputError("out", f"nothing to resume in {run_dir} (no baseline.yaml)")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError("out", f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise InputError("out", f"cannot write under {probe}")
+
+
+def _saved_baseline(run_dir: Path) -> dict[str, float]:
+    data = yaml.safe_load((run_dir / "baseline.yaml").read_text()) or {}
+    return {k: float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")}

@@ -1,0 +1,232 @@
+"""Search spaces: which layers each technique may touch and which values it may choose there.
+
+A space file (``search_spaces/*.yaml``) is data::
+
+    techniques:
+      quantization:
+        layers:
+          - match: "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))"
+            format: [fp32, bf16, int8_dynamic]
+        options: {}
+      distillation:
+        options:
+          steps: [0, 100, 200]
+
+``match`` is an exact module name, a shell glob (``blocks.*.attn.qkv``) or a regular expression after ``re:``
+(matched against the whole name). Later entries override earlier ones for the same layer. Resolving a space
+against a model turns it into a flat list of :class:`Dimension` with stable parameter names. Leaving a layer as it
+is (the knob's identity value) is always one of the choices, so the uncompressed model lies in every space.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from torch import nn
+
+from autocompress.errors import InputError
+from autocompress.policy import Policy, _yaml_where, param_name
+from autocompress.technique import Technique
+
+BUILTIN_SPACES_DIRS = (Path(__file__).resolve().parent.parent / "search_spaces",)  # the source checkout
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched parameter."""
+
+    name: str  # stable parameter name, see autocompress.policy.param_name
+    technique: str
+    knob: str
+    layer: str | None
+    choices: tuple[Any, ...]
+    identity: Any
+
+
+@dataclass
+class SearchSpace:
+    """A space as written in the file, not yet tied to a model."""
+
+    techniques: dict[str, dict[str, Any]]
+    source: str = "space"
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> "SearchSpace":
+        path = find_space_file(path_or_name)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "space") -> "SearchSpace":
+        if not isinstance(data, Mapping) or not isinstance(data.get("techniques"), Mapping):
+            raise InputError(f"{source}.techniques", "a search space needs a 'techniques' mapping")
+        bad = set(data) - {"techniques", "description"}
+        if bad:
+            raise InputError(f"{source}.{sorted(bad)[0]}", "unknown key (expected 'techniques', 'description')")
+        techniques: dict[str, dict[str, Any]] = {}
+        for name, entry in data["techniques"].items():
+            where = f"{source}.techniques.{name}"
+            entry = entry or {}
+            if not isinstance(entry, Mapping):
+                raise InputError(where, "must be a mapping with 'layers' and/or 'options'")
+            unknown = set(entry) - {"layers", "options"}
+            if unknown:
+                raise InputError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected 'layers', 'options')")
+            layers = entry.get("layers") or []
+            if not isinstance(layers, list):
+                raise InputError(f"{where}.layers", "must be a list of {match: PATTERN, KNOB: [choices]}")
+            for i, rule in enumerate(layers):
+                if not isinstance(rule, Mapping) or not isinstance(rule.get("match"), str):
+                    raise InputError(f"{where}.layers[{i}].match", "each layer rule needs a 'match' pattern")
+                for knob, choices in rule.items():
+                    if knob != "match" and (not isinstance(choices, list) or not choices):
+                        raise InputError(f"{where}.layers[{i}].{knob}", "must be a non-empty list of choices")
+            options = entry.get("options") or {}
+            if not isinstance(options, Mapping):
+                raise InputError(f"{where}.options", "must map option names to lists of choices")
+            for knob, choices in options.items():
+                if not isinstance(choices, list) or not choices:
+                    raise InputError(f"{where}.options.{knob}", "must be a non-empty list of choices")
+            techniques[str(name)] = {"layers": list(layers), "options": dict(options)}
+        return cls(techniques=techniques, source=source)
+
+    def resolve(self, model: nn.Module, available: Mapping[str, Technique]) -> "ResolvedSpace":
+        """Tie the space to ``model``: expand patterns to module names and check every choice."""
+        dims: list[Dimension] = []
+        for tech_name, entry in self.techniques.items():
+            where = f"{self.source}.techniques.{tech_name}"
+            technique = available.get(tech_name)
+            if technique is None:
+                raise InputError(
+                    where, f"unknown technique (installed: {', '.join(sorted(available)) or 'none'})"
+                )
+            candidates = technique.candidate_layers(model)
+            per_layer: dict[str, dict[str, list[Any]]] = {}
+            for i, rule in enumerate(entry["layers"]):
+                matched = match_layers(rule["match"], candidates, f"{where}.layers[{i}].match")
+                for knob, choices in rule.items():
+                    if knob == "match":
+                        continue
+                    if knob not in technique.layer_knobs:
+                        raise InputError(
+                            f"{where}.layers[{i}].{knob}",
+                            f"unknown knob (technique {tech_name!r} offers: {', '.join(technique.layer_knobs)})",
+                        )
+                    for layer in matched:
+                        for value in choices:
+                            _check(technique, model, layer, knob, value, f"{where}.layers[{i}].{knob}")
+                        per_layer.setdefault(layer, {})[knob] = list(choices)
+            for layer in candidates:  # keep model order
+                for knob, choices in per_layer.get(layer, {}).items():
+                    identity = technique.layer_knobs[knob]
+                    dims.append(
+                        Dimension(param_name(tech_name, knob, layer), tech_name, knob, layer,
+                                  _with_identity(choices, identity), identity)
+                    )
+            for knob, choices in entry["options"].items():
+                if knob not in technique.global_knobs:
+                    raise InputError(
+                        f"{where}.options.{knob}",
+                        f"unknown option (technique {tech_name!r} offers: "
+                        f"{', '.join(technique.global_knobs) or 'none'})",
+                    )
+                for value in choices:
+                    _check(technique, model, None, knob, value, f"{where}.options.{knob}")
+                identity = technique.global_knobs[knob]
+                dims.append(
+                    Dimension(param_name(tech_name, knob), tech_name, knob, None,
+                              _with_identity(choices, identity), identity)
+                )
+        return ResolvedSpace(dims)
+
+
+@dataclass
+class ResolvedSpace:
+    """A space tied to one model: the flat list of searched parameters."""
+
+    dimensions: list[Dimension]
+
+    @property
+    def identities(self) -> dict[str, Any]:
+        return {d.name: d.identity for d in self.dimensions}
+
+    def techniques(self) -> list[str]:
+        return sorted({d.technique for d in self.dimensions})
+
+    def policy(self, params: Mapping[str, Any], model: str | None = None) -> Policy:
+        return Policy.from_params(params, self.identities, model=model)
+
+    def uncompressed(self) -> dict[str, Any]:
+        return self.identities
+
+    def uniform_baselines(self) -> dict[str, dict[str, Any]]:
+        """One policy per technique knob and value shared by all its layers: 'every layer bf16', 'rank 0.5'..."""
+        out: dict[str, dict[str, Any]] = {}
+        groups: dict[tuple[str, str], list[Dimension]] = {}
+        for dim in self.dimensions:
+            if dim.layer is not None:
+                groups.setdefault((dim.technique, dim.knob), []).append(dim)
+        for (tech, knob), dims in groups.items():
+            common = [v for v in dims[0].choices if all(v in d.choices for d in dims[1:])]
+            for value in common:
+                if value == dims[0].identity:
+                    continue
+                params = self.identities
+                params.update({d.name: value for d in dims})
+                out[f"uniform {tech}.{knob}={value}"] = params
+        return out
+
+    def size(self) -> int:
+        n = 1
+        for d in self.dimensions:
+            n *= len(d.choices)
+        return n
+
+
+def match_layers(pattern: str, candidates: list[str], field: str) -> list[str]:
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise InputError(field, f"bad regular expression ({exc})") from None
+        matched = [c for c in candidates if rx.fullmatch(c)]
+    elif any(ch in pattern for ch in "*?["):
+        matched = [c for c in candidates if fnmatch.fnmatchcase(c, pattern)]
+    else:
+        matched = [c for c in candidates if c == pattern]
+    if not matched:
+        shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+        raise InputError(field, f"{pattern!r} matches no layer the technique can act on (candidates: {shown})")
+    return matched
+
+
+def find_space_file(path_or_name: str | Path) -> Path:
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if path.suffix == "" and path.parent == Path("."):
+        for folder in BUILTIN_SPACES_DIRS:
+            candidate = folder / f"{path.name}.yaml"
+            if candidate.is_file():
+                return candidate
+    raise InputError("space", f"no search space file {str(path_or_name)!r} (a path, or a builtin name like 'vit')")
+
+
+def _check(technique: Technique, model: nn.Module, layer: str | None, knob: str, value: Any, field: str) -> None:
+    try:
+        technique.check_value(model, layer, knob, value)
+    except ValueError as exc:
+        where = f" for {layer}" if layer else ""
+        raise InputError(field, f"{value!r} cannot be applied{where}: {exc}") from None
+
+
+def _with_identity(choices: list[Any], identity: Any) -> tuple[Any, ...]:
+    return tuple(choices) if identity in choices else (identity, *choices)

@@ -1,0 +1,139 @@
+"""Linear layers in other numeric formats. Each keeps in its state dict exactly what it would be saved with.
+
+- ``Bf16Linear``: bf16 weights and a bf16 GEMM (oneDNN/AMX or AVX512-BF16 kernels on CPUs that have them).
+- ``DynamicInt8Linear``: int8 per-channel weights, activations quantized per call; runs the fbgemm/x86 kernel
+  ``quantized::linear_dynamic``. Chosen over torchao's int8 dynamic-activation config because it measured faster
+  here (see ``bench/quantization_kernels.py``).
+- ``PackedIntWeightLinear``: k-bit (2..8) per-channel weights, bit-packed. There is no k-bit kernel on CPU: the
+  weight is unpacked to fp32 for the GEMM, so it saves memory but never time. It is reported as ``simulated``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Bf16Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        new.weight.copy_(linear.weight.detach())
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format=bf16"
+
+
+class DynamicInt8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed = None
+        self.register_load_state_dict_post_hook(lambda module, _: module._repack())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DynamicInt8Linear":
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        new.qweight.copy_(torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        new.scale.copy_(scale)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach())
+        new._repack()
+        return new
+
+    def _repack(self) -> None:
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero_points, 0)
+        self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self._repack()
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format=int8_dynamic"
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integers below ``2**bits`` into a uint8 tensor of ``ceil(n * bits / 8)`` bytes."""
+    flat = values.reshape(-1).to(torch.int32)
+    planes = (flat.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32)) & 1  # n x bits, LSB first
+    stream = planes.reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = 1 << torch.arange(8, dtype=torch.int32)
+    return (stream.view(-1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    stream = (packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+    planes = stream.reshape(-1)[: count * bits].view(count, bits)
+    return (planes * (1 << torch.arange(bits, dtype=torch.int32))).sum(-1)
+
+
+class PackedIntWeightLinear(nn.Module):
+    """k-bit weight-only quantization, symmetric per output channel. Simulated: no k-bit kernel is used."""
+
+    simulated = True
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be 2..8, got {bits}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        nbytes = math.ceil(in_features * out_features * bits / 8)
+        self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("_weight", torch.zeros(out_features, in_features), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._unpack())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> "PackedIntWeightLinear":
+        new = cls(linear.in_features, linear.out_features, bits, linear.bias is not None)
+        w = linear.weight.detach().float()
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / qmax
+        q = torch.round(w / scale[:, None]).clamp(-qmax - 1, qmax).to(torch.int32)
+        new.packed.copy_(pack_bits(q + 2 ** (bits - 1), bits))
+        new.scale.copy_(scale)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach())
+        new._unpack()
+        return new
+
+    def _unpack(self) -> None:
+        count = self.in_features * self.out_features
+        q = unpack_bits(self.packed, self.bits, count) - 2 ** (self.bits - 1)
+        self._weight = q.view(self.out_features, self.in_features).float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format=int{self.bits}_weight (simulated)"

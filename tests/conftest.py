@@ -1,0 +1,72 @@
+"""Shared fixtures: real Fashion-MNIST (a subset), a tiny timm ViT briefly trained on it, and the plugins as
+installed (loaded through the entry-point group, like a user gets them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from autocompress.data import Dataset, Split, load_fashion_mnist
+
+FASHION_MNIST = Path(os.environ.get("AUTOCOMPRESS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2, num_heads=2)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fmnist_full() -> Dataset:
+    if not FASHION_MNIST.is_dir():
+        pytest.fail(f"Fashion-MNIST not found at {FASHION_MNIST}: run `make data` (apt-get install dataset-fashion-mnist)")
+    return load_fashion_mnist(FASHION_MNIST, val_size=5000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fmnist(fmnist_full: Dataset) -> Dataset:
+    """A small real subset, so tests stay fast: 6000 train, 1000 val, 1000 test."""
+    d = fmnist_full
+    return Dataset(d.train.head(6000), d.val.head(1000), d.test.head(1000), d.classes)
+
+
+@pytest.fixture(scope="session")
+def plugins():
+    from autocompress.pluginmanager import load_plugins
+
+    return load_plugins()
+
+
+def make_tiny_vit(**overrides) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides}).eval()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, fmnist: Dataset):
+    """A tiny ViT trained for one epoch on the subset (~75% val accuracy) and its checkpoint path."""
+    from autocompress.train import train_base
+
+    model = make_tiny_vit()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    train_base(model, fmnist, path, epochs=1, lr=3e-3, batch_size=64, progress=False)
+    return model, path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, trained_tiny) -> dict:
+    """A run config dict for the trained tiny ViT on real Fashion-MNIST, small enough to search in seconds."""
+    _, ckpt = trained_tiny
+    return {
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": dict(TINY_VIT), "checkpoint": str(ckpt)},
+        "data": {"kind": "fashion_mnist", "path": str(FASHION_MNIST), "val_size": 1000, "train_subset": 2000,
+                 "calibration_size": 128},
+        "target": {"threads": 2, "batch_size": 64, "warmup": 2, "repeats": 5},
+        "budget": "latency=0.9x",
+        "space": "vit",
+        "search": {"trials": 6, "sampler": "tpe", "seed": 0},
+        "out": str(tmp_path / "run"),
+    }
