@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,6 +54,8 @@ class SearchSpace:
 
     techniques: dict[str, dict[str, Any]]
     source: str = "space"
+    #: named extra baselines: {name: {technique: {knob: value}}}; a layer knob's value goes to all its layers
+    baselines: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> "SearchSpace":
@@ -62,15 +64,24 @@ class SearchSpace:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(str(path), f"cannot read search space ({getattr(exc, 'strerror', None) or exc})") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> "SearchSpace":
         if not isinstance(data, Mapping) or not isinstance(data.get("techniques"), Mapping):
             raise InputError(f"{source}.techniques", "a search space needs a 'techniques' mapping")
-        bad = set(data) - {"techniques", "description"}
+        bad = set(data) - {"techniques", "description", "baselines"}
         if bad:
-            raise InputError(f"{source}.{sorted(bad)[0]}", "unknown key (expected 'techniques', 'description')")
+            raise InputError(
+                f"{source}.{sorted(bad)[0]}", "unknown key (expected 'techniques', 'baselines', 'description')"
+            )
+        baselines = data.get("baselines") or {}
+        if not isinstance(baselines, Mapping) or not all(
+            isinstance(b, Mapping) and all(isinstance(k, Mapping) for k in b.values()) for b in baselines.values()
+        ):
+            raise InputError(f"{source}.baselines", "must map a name to {technique: {knob: value}}")
         techniques: dict[str, dict[str, Any]] = {}
         for name, entry in data["techniques"].items():
             where = f"{source}.techniques.{name}"
@@ -96,7 +107,8 @@ class SearchSpace:
                 if not isinstance(choices, list) or not choices:
                     raise InputError(f"{where}.options.{knob}", "must be a non-empty list of choices")
             techniques[str(name)] = {"layers": list(layers), "options": dict(options)}
-        return cls(techniques=techniques, source=source)
+        return cls(techniques=techniques, source=source,
+                   baselines={str(k): {t: dict(v) for t, v in b.items()} for k, b in baselines.items()})
 
     def resolve(self, model: nn.Module, available: Mapping[str, Technique]) -> "ResolvedSpace":
         """Tie the space to ``model``: expand patterns to module names and check every choice."""
@@ -145,7 +157,10 @@ class SearchSpace:
                     Dimension(param_name(tech_name, knob), tech_name, knob, None,
                               _with_identity(choices, identity), identity)
                 )
-        return ResolvedSpace(dims)
+        resolved = ResolvedSpace(dims)
+        for label, settings in self.baselines.items():
+            resolved.extra_baselines[label] = resolved.params_for(settings, f"{self.source}.baselines.{label}")
+        return resolved
 
 
 @dataclass
@@ -153,6 +168,21 @@ class ResolvedSpace:
     """A space tied to one model: the flat list of searched parameters."""
 
     dimensions: list[Dimension]
+    extra_baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def params_for(self, settings: Mapping[str, Mapping[str, Any]], where: str = "baseline") -> dict[str, Any]:
+        """Parameters with ``{technique: {knob: value}}`` applied to every matching dimension, identity elsewhere."""
+        params = self.identities
+        for tech, knobs in settings.items():
+            for knob, value in knobs.items():
+                dims = [d for d in self.dimensions if d.technique == tech and d.knob == knob]
+                if not dims:
+                    raise InputError(f"{where}.{tech}.{knob}", "not a searched knob of this space")
+                for d in dims:
+                    if value not in d.choices:
+                        raise InputError(f"{where}.{tech}.{knob}", f"{value!r} is not among the choices for {d.name}")
+                    params[d.name] = value
+        return params
 
     @property
     def identities(self) -> dict[str, Any]:
@@ -168,20 +198,22 @@ class ResolvedSpace:
         return self.identities
 
     def uniform_baselines(self) -> dict[str, dict[str, Any]]:
-        """One policy per technique knob and value shared by all its layers: 'every layer bf16', 'rank 0.5'..."""
+        """One policy per technique knob and value, on every layer that offers it ('every layer bf16', 'rank 0.5'),
+        then the space file's named baselines."""
         out: dict[str, dict[str, Any]] = {}
         groups: dict[tuple[str, str], list[Dimension]] = {}
         for dim in self.dimensions:
             if dim.layer is not None:
                 groups.setdefault((dim.technique, dim.knob), []).append(dim)
         for (tech, knob), dims in groups.items():
-            common = [v for v in dims[0].choices if all(v in d.choices for d in dims[1:])]
-            for value in common:
-                if value == dims[0].identity:
-                    continue
+            values: list[Any] = []
+            for d in dims:
+                values += [v for v in d.choices if v not in values and v != d.identity]
+            for value in values:  # every layer that offers the value takes it
                 params = self.identities
-                params.update({d.name: value for d in dims})
+                params.update({d.name: value for d in dims if value in d.choices})
                 out[f"uniform {tech}.{knob}={value}"] = params
+        out.update(self.extra_baselines)
         return out
 
     def size(self) -> int:

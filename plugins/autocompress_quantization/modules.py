@@ -78,6 +78,19 @@ class DynamicInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format=int8_dynamic"
 
 
+class Fp32Linear(nn.Module):
+    """An fp32 Linear inside a model whose activations flow in bf16: casts in and out around the fp32 GEMM."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integers below ``2**bits`` into a uint8 tensor of ``ceil(n * bits / 8)`` bytes."""
     flat = values.reshape(-1).to(torch.int32)
@@ -137,3 +150,42 @@ class PackedIntWeightLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format=int{self.bits}_weight (simulated)"
+
+
+QUANTIZED_MODULES = (Bf16Linear, DynamicInt8Linear, Fp32Linear, PackedIntWeightLinear)
+
+
+def bf16_activations(model: nn.Module) -> None:
+    """Run everything that is not a format-converted Linear in bf16: norms, attention, embeddings, residuals.
+
+    Linears left at fp32 are wrapped so they still compute in fp32; the model takes and returns fp32 tensors.
+    """
+    protected: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_MODULES):
+            protected.update(id(m) for m in module.modules())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and id(module) not in protected:
+            wrapper = Fp32Linear(module)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+            protected.update((id(wrapper), id(module)))
+    for module in model.modules():
+        if id(module) in protected:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
+        for key, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.dtype == torch.float32:
+                setattr(module, key, buf.to(torch.bfloat16))
+    model.register_forward_pre_hook(_inputs_to_bf16)
+    model.register_forward_hook(_output_to_fp32)
+
+
+def _inputs_to_bf16(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_to_fp32(module: nn.Module, args: tuple, out):
+    return out.float() if torch.is_tensor(out) else out

@@ -6,7 +6,7 @@ from torch import nn
 
 from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings, replace_module
 
-from autocompress_quantization.modules import Bf16Linear, DynamicInt8Linear, PackedIntWeightLinear
+from autocompress_quantization.modules import Bf16Linear, DynamicInt8Linear, PackedIntWeightLinear, bf16_activations
 
 #: format name -> True when it has a real kernel here
 FORMATS = {"fp32": True, "bf16": True, "int8_dynamic": True, **{f"int{k}_weight": False for k in range(2, 9)}}
@@ -28,11 +28,17 @@ class QuantizationTechnique(Technique):
     name = "quantization"
     stage = Stage.FORMAT
     layer_knobs = {"format": "fp32"}
+    #: dtype of the activations between layers; "bf16" also runs norms, attention and embeddings in bf16
+    global_knobs = {"compute": "fp32"}
 
     def candidate_layers(self, model: nn.Module) -> list[str]:
         return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
     def check_value(self, model: nn.Module, layer: str | None, knob: str, value: object) -> None:
+        if knob == "compute":
+            if value not in ("fp32", "bf16"):
+                raise ValueError("compute must be fp32 or bf16")
+            return
         if value not in FORMATS:
             raise ValueError(f"unknown format (known: {', '.join(FORMATS)})")
 
@@ -51,6 +57,8 @@ class QuantizationTechnique(Technique):
                 raise ValueError(f"{layer} is a {type(target).__name__} with no Linear to quantize")
             for sub in inner:
                 replace_module(target, sub, convert_linear(target.get_submodule(sub), fmt))
+        if settings.options.get("compute", "fp32") == "bf16":
+            bf16_activations(model)
         return model
 
     def simulated_layers(self, settings: TechniqueSettings) -> list[str]:

@@ -1,0 +1,108 @@
+"""Policies are plain data keyed by module names: YAML round trip, trial parameters, re-application."""
+
+import pytest
+import torch
+
+from autocompress.compose import apply_policy, check_policy, load_compressed, save_compressed
+from autocompress.errors import InputError
+from autocompress.policy import Policy, param_name, parse_param_name
+from autocompress.space import SearchSpace
+from autocompress.technique import TechniqueSettings
+from conftest import TINY_VIT, make_tiny_vit
+
+POLICY_YAML = """
+model: vit_tiny_patch16_224
+techniques:
+  quantization:
+    layers:
+      blocks.0.attn.qkv: {format: bf16}
+      blocks.1.mlp.fc1: {format: int8_dynamic}
+      blocks.1.mlp.fc2: {format: int4_weight}
+"""
+
+
+def test_param_names_are_stable_and_parse_back():
+    assert param_name("quantization", "format", "blocks.3.attn.qkv") == "blocks.3.attn.qkv:quantization.format"
+    assert parse_param_name("blocks.3.attn.qkv:quantization.format") == ("quantization", "format", "blocks.3.attn.qkv")
+    assert parse_param_name("distillation.steps") == ("distillation", "steps", None)
+
+
+def test_yaml_round_trip_is_exact():
+    policy = Policy.from_yaml(POLICY_YAML)
+    again = Policy.from_yaml(policy.to_yaml())
+    assert again == policy
+    assert again.techniques["quantization"].layers["blocks.1.mlp.fc2"] == {"format": "int4_weight"}
+
+
+def test_params_round_trip_drops_identities():
+    policy = Policy.from_yaml(POLICY_YAML)
+    params = policy.to_params()
+    params["blocks.0.attn.proj:quantization.format"] = "fp32"  # identity: leaves the layer as it is
+    back = Policy.from_params(params, identities={"blocks.0.attn.proj:quantization.format": "fp32"},
+                              model=policy.model)
+    assert back == policy
+
+
+def test_reapplying_a_policy_gives_the_same_model(plugins):
+    model = make_tiny_vit()
+    policy = Policy.from_yaml(POLICY_YAML)
+    check_policy(policy, model, plugins.techniques)
+    x = torch.randn(8, 1, 28, 28)
+    a = apply_policy(model, policy, plugins.techniques)
+    b = apply_policy(model, Policy.from_yaml(policy.to_yaml()), plugins.techniques)
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+        # the input model is untouched
+        assert isinstance(model.blocks[0].attn.qkv, torch.nn.Linear)
+
+
+def test_saved_compressed_model_loads_back_with_the_same_outputs(plugins, tmp_path):
+    model = make_tiny_vit()
+    policy = Policy.from_yaml(POLICY_YAML)
+    compressed = apply_policy(model, policy, plugins.techniques)
+    path = tmp_path / "small.pt"
+    save_compressed(path, compressed, policy, "vit_tiny_patch16_224", TINY_VIT)
+    loaded, loaded_policy = load_compressed(path, plugins.techniques)
+    assert loaded_policy == policy
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), compressed(x))
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("techniques: {quantization: {layers: {blocks.9.attn.qkv: {format: bf16}}}}", "blocks.9.attn.qkv"),
+        ("techniques: {quantization: {layers: {blocks.0.attn.qkv: {format: fp7}}}}", "format"),
+        ("techniques: {magic: {options: {x: 1}}}", "policy.techniques.magic"),
+        ("techniques: {quantization: {layerz: {}}}", "layerz"),
+    ],
+)
+def test_a_policy_that_does_not_fit_names_the_field(plugins, text, field):
+    with pytest.raises(InputError) as exc:
+        check_policy(Policy.from_yaml(text), make_tiny_vit(), plugins.techniques)
+    assert field in str(exc.value)
+
+
+def test_space_resolves_to_stable_dimensions_with_identity_first(plugins):
+    space = SearchSpace.load("vit").resolve(make_tiny_vit(), plugins.techniques)
+    quant = [d for d in space.dimensions if d.technique == "quantization" and d.layer is not None]
+    assert [d.choices for d in space.dimensions if d.name == "quantization.compute"] == [("fp32", "bf16")]
+    assert [d.name for d in quant][:2] == ["blocks.0.attn.qkv:quantization.format", "blocks.0.attn.proj:quantization.format"]
+    assert len(quant) == 2 * 4 + 1  # 2 blocks x (qkv, proj, fc1, fc2) + head
+    assert all(d.choices[0] == "fp32" for d in quant)
+    uniform = space.uniform_baselines()
+    assert "uniform quantization.format=bf16" in uniform
+    assert set(uniform["uniform quantization.format=bf16"][d.name] for d in quant) == {"bf16"}
+    # int8_dynamic is not offered for the head: the uniform policy sets it wherever it is offered
+    int8 = uniform["uniform quantization.format=int8_dynamic"]
+    assert int8["head:quantization.format"] == "fp32"
+    assert {int8[d.name] for d in quant if d.layer != "head"} == {"int8_dynamic"}
+    # the space file's named baseline: bf16 weights and bf16 activations
+    assert uniform["bf16 everywhere"]["quantization.compute"] == "bf16"
+
+
+def test_space_pattern_matching_nothing_is_an_error(plugins):
+    space = SearchSpace.from_dict({"techniques": {"quantization": {"layers": [{"match": "blocks.*.nope", "format": ["bf16"]}]}}})
+    with pytest.raises(InputError, match=r"layers\[0\]\.match.*matches no layer"):
+        space.resolve(make_tiny_vit(), plugins.techniques)
