@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed technique plugins",
                        description="List the plugins found in the 'autocompress' entry-point group.")
     p.add_argument("--all", action="store_true", help="also list plugins that failed to load, with the reason")
+
+    r = sub.add_parser("report", help="write the HTML report of a run directory",
+                       description="Write RUN_DIR/report.html (self-contained: pictures embedded) and RUN_DIR/plots/*.png "
+                       "from the run directory alone: trade-off plots with the Pareto front and the budget, best "
+                       "accuracy over trials, the chosen policy layer by layer, the Pareto table and why trials failed. "
+                       "Works on a run still in progress (reads study.db). A search writes it when it ends.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `autocompress search`")
     return parser
 
 
@@ -79,7 +86,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _search(args)
     if args.command == "apply":
         return _apply(args)
+    if args.command == "report":
+        return _report(args)
     raise AssertionError(args.command)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from autocompress.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -133,7 +133,20 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
         elif (run_dir / "best_policy.yaml").exists():
             os.unlink(run_dir / "best_policy.yaml")
     log(summary_table(result))
+    if run_dir is not None:
+        _write_report(run_dir, log)
     return result
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """The HTML report; its failure costs only the report, never the results already written."""
+    try:
+        from autocompress.report import write_report
+
+        log(f"report: {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - any bug in the report must leave the search result intact
+        log(f"warning: the report could not be written ({type(exc).__name__}: {exc}); the results are saved, "
+            f"retry with `autocompress report {run_dir}`")
 
 
 def _as_config(config: RunConfig | str | Path | dict | None) -> RunConfig:
