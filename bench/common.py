@@ -44,5 +44,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=_plain) + "\n")
     return path
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and other strays, for JSON."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

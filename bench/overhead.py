@@ -1,0 +1,66 @@
+"""Framework overhead per trial: everything but model evaluation, latency measurement and technique work.
+
+Runs a short search on the demo config with timers around the parts that are the model's own work (compressing,
+including recovery training; measuring latency; computing validation accuracy). What is left of the search loop's
+wall time — sampling, policy building, storage writes, bookkeeping — is the framework's overhead. Target: <= 5%.
+
+    python bench/overhead.py [--trials 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_json  # noqa: E402
+
+import autocompress  # noqa: E402
+import autocompress.runner as runner  # noqa: E402
+import autocompress.search.optuna_search as optuna_search  # noqa: E402
+from autocompress.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=15)
+    args = parser.parse_args()
+    spent = {"compress": 0.0, "latency": 0.0, "accuracy": 0.0, "loop": 0.0}
+
+    def timed(key, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return wrapper
+
+    runner.apply_policy = timed("compress", runner.apply_policy)
+    runner.RunContext.measure = timed("latency", runner.RunContext.measure)
+    runner.accuracy = timed("accuracy", runner.accuracy)
+    optuna_search.run_optuna = timed("loop", optuna_search.run_optuna)
+
+    config = load_config(ROOT / "examples" / "fashion_mnist.yaml")
+    out = ROOT / "bench" / "runs" / "overhead"
+    shutil.rmtree(out, ignore_errors=True)
+    autocompress.search(config, trials=args.trials, out=out, progress=False, log=lambda s: None)
+    model_work = spent["compress"] + spent["latency"] + spent["accuracy"]
+    overhead = spent["loop"] - model_work
+    rows = [(k, v, 100 * v / spent["loop"]) for k, v in
+            [("compress (incl. recovery training)", spent["compress"]), ("latency measurement", spent["latency"]),
+             ("validation accuracy", spent["accuracy"]), ("framework overhead", overhead)]]
+    print(f"\n### where a trial's time goes ({args.trials} trials, demo ViT)\n")
+    print(markdown_table(["part", "seconds", "% of search loop"], rows))
+    path = write_json("overhead", {"trials": args.trials, "seconds": spent, "overhead_s": overhead,
+                                   "overhead_percent": 100 * overhead / spent["loop"]})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
