@@ -18,7 +18,8 @@ from autocompress.errors import InputError, TechniqueError
 from autocompress.policy import Policy
 from autocompress.space import SearchSpace
 from autocompress.technique import ApplyContext, TechniqueSettings
-from autocompress_lowrank import LowRankLinear, factorize_layer, svd_factors, whitened_factors
+from autocompress.testing import TechniqueContract
+from autocompress_lowrank import LowRankLinear, LowRankTechnique, factorize_layer, svd_factors, whitened_factors
 from autocompress_lowrank.factorize import input_second_moments
 
 from conftest import TINY_VIT, make_tiny_vit
@@ -77,6 +78,15 @@ def test_full_rank_factors_reproduce_every_block_linear_of_vit_family_models(plu
         got = model(x)
     assert all(isinstance(model.get_submodule(layer), LowRankLinear) for layer in layers)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class TestLowRankContract(TechniqueContract):
+    """The third-party plugin contract, on several ViT shapes, with the lowrank entry of search_spaces/vit.yaml."""
+
+    technique = LowRankTechnique()
+    plugin = "lowrank"
+    space = SearchSpace.load("vit").techniques["lowrank"]
+    atol = 1e-5
 
 
 # --- the factorization itself -------------------------------------------------------------------------------------

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from autocompress.costs import num_threads
+
 #: eigenvalues of the input second moment are floored at this fraction of their mean, so directions the
 #: calibration data never visits keep a little weight and ``S`` stays invertible
 DAMPING = 1e-4
+#: LAPACK's SVD / eigh at ViT layer sizes (64..1536) measured faster on one thread than on two (less sync)
+LAPACK_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Factors:
 
 def svd_factors(weight: torch.Tensor) -> Factors:
     """Plain truncated-SVD factors of ``weight`` (out x in)."""
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    with num_threads(LAPACK_THREADS):
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
     return _split(u, s, vh)
 
 
@@ -54,10 +59,11 @@ def whitened_factors(weight: torch.Tensor, second_moment: torch.Tensor, damping:
     w = weight.detach().double()
     c = second_moment.double()
     c = (c + c.T) / 2
-    evals, evecs = torch.linalg.eigh(c)
-    floor = max(float(evals.clamp_min(0).mean()) * damping, 1e-12)
-    root = evals.clamp_min(floor).sqrt()
-    u, s, vh = torch.linalg.svd(w @ (evecs * root), full_matrices=False)  # W S with S = Q diag(sqrt(e))
+    with num_threads(LAPACK_THREADS):
+        evals, evecs = torch.linalg.eigh(c)
+        floor = max(float(evals.clamp_min(0).mean()) * damping, 1e-12)
+        root = evals.clamp_min(floor).sqrt()
+        u, s, vh = torch.linalg.svd(w @ (evecs * root), full_matrices=False)  # W S with S = Q diag(sqrt(e))
     return _split(u, s, (vh / root) @ evecs.T)  # Vh S^-1 with S^-1 = diag(1/sqrt(e)) Q^T
 
 
