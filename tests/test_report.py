@@ -347,3 +347,31 @@ def test_the_page_renders_in_headless_chromium(tmp_path):
     colours = {tuple(p) for p in (pixels[::7, ::7] * 255).astype(int).reshape(-1, 3).tolist()}
     assert len(colours) > 200
     assert (pixels.mean(axis=2) < 0.8).mean() > 0.03
+
+
+def test_a_run_in_progress_shows_what_exists_and_says_so(tmp_path):
+    fmt = "blocks.0.attn.qkv:quantization.format"
+    rows = [
+        record(0, baseline="uncompressed", latency_ms=10.0, memory_mb=2.0, skipped="latency over budget",
+               **{fmt: "fp32"}),
+        record(1, feasible=True, val_accuracy=0.84, latency_ms=4.0, memory_mb=1.0, **{fmt: "bf16"}),
+        record(2, feasible=True, val_accuracy=0.82, latency_ms=4.5, memory_mb=0.6, **{fmt: "int8_dynamic"}),
+        record(3, feasible=True, val_accuracy=0.83, latency_ms=3.0, memory_mb=0.6, **{fmt: "int8_dynamic"}),
+    ]
+    run = write_run(tmp_path / "started", rows, budget="latency=0.5x", pareto=[1, 3])
+    for name in ("trials.csv", "pareto.csv"):
+        (run / name).unlink()
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("trials: 4", "trials: 40"))
+    # just started: only the config and the baseline exist
+    page = parse(write_report(run))
+    assert "0 of 40 trials so far, no finished trial yet" in page.text["in-progress"]
+    assert "verdict" not in page.ids and not page.images
+    assert {"plot-accuracy-latency-missing", "plot-best-so-far-missing"} <= set(page.ids)
+
+    # interrupted (Ctrl-C writes trials.csv, never pareto.csv): the front is computed from the trials so far
+    trials_frame(rows, 10.0).to_csv(run / "trials.csv", index=False)
+    page = parse(write_report(run))
+    assert "4 of 40 trials so far" in page.text["in-progress"]
+    assert page.trials_in("pareto") == [1, 3]  # trial 2 is beaten by trial 3 on both accuracy and latency
+    assert "Best within budget: trial 1" in page.text["verdict"]
+    assert "plot-policy" in page.images

@@ -107,6 +107,7 @@ def layer_picture(run: RunData, row: pd.Series | None = None) -> LayerPicture | 
 
 
 def format_value(value: Any) -> str:
+    """A knob value as a person reads it: ``0.5``, ``4``, ``bf16``, ``true``."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):

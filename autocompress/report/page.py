@@ -185,7 +185,7 @@ def _policy(run: RunData, figures: dict[str, Picture], picture: LayerPicture | N
     if picture.options:
         out.append('<p id="policy-options">Global settings: ' + ", ".join(
             f"<code>{escape(k)} = {escape(format_value(c.value))}</code>" for k, c in picture.options.items()) + "</p>")
-    if (run.run_dir / "best_policy.yaml").is_file():
+    if run.finished and (run.run_dir / "best_policy.yaml").is_file():
         out.append('<p class="small">The policy as a file: <a href="best_policy.yaml">best_policy.yaml</a> '
                    "(rebuild the model with <code>autocompress apply</code>).</p>")
     rows = []
