@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed technique plugins",
                        description="List the plugins found in the 'autocompress' entry-point group.")
-    p.add_argument("--all", action="store_true", help="also list plugins that failed to load, with the reason")
+    p.add_argument("--all", action="store_true",
+                   help="also list plugins not loaded on purpose (blocked, or third-party with autoload disabled); "
+                   "plugins that failed to load are always listed, with the reason")
 
     r = sub.add_parser("report", help="write the HTML report of a run directory",
                        description="Write RUN_DIR/report.html (self-contained: pictures embedded) and RUN_DIR/plots/*.png "
@@ -58,11 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "accuracy over trials, the chosen policy layer by layer, the Pareto table and why trials failed. "
                        "Works on a run still in progress (reads study.db). A search writes it when it ends.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `autocompress search`")
+    for command in sub.choices.values():  # also accepted after the command: `autocompress search X --block-plugin Y`
+        command.add_argument("--block-plugin", dest="block_plugin_after", action="append", default=[],
+                             metavar="NAME", help="do not load the plugin NAME (repeatable)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.block_plugin = [*args.block_plugin, *getattr(args, "block_plugin_after", [])]
     try:
         return _dispatch(args)
     except InputError as exc:
@@ -104,15 +110,17 @@ def _plugins(args: argparse.Namespace) -> int:
     plugins = load_plugins(block=args.block_plugin)
     rows = []
     for info in plugins.info:
+        if info.skipped and not args.all:
+            continue
         stage = ",".join(sorted({plugins.techniques[t].stage.name.lower() for t in info.techniques})) or "-"
-        status = "ok" if not info.error else f"ERROR {info.error}"
-        rows.append((info.name, info.distribution, info.version, stage, ",".join(info.techniques) or "-", status))
+        rows.append((info.name, info.distribution, info.version, stage, ",".join(info.techniques) or "-", info.status))
     header = ("name", "distribution", "version", "stage", "techniques", "status")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     for row in [header, *rows]:
-        if row is not header and row[5] != "ok" and not args.all:
-            continue
         print("  ".join(str(v).ljust(w) for v, w in zip(row[:5], widths)) + "  " + row[5])
+    for info in plugins.errors:  # a broken plugin is said on stderr too, so it is seen when stdout is piped
+        print(f"autocompress: warning: plugin {info.name!r} ({info.distribution}) not loaded: {info.error}",
+              file=sys.stderr)
     return 0
 
 

@@ -1,15 +1,28 @@
 """Loads technique plugins from the ``autocompress`` entry-point group and owns the technique registry.
 
-Builtin techniques are found exactly like third-party ones. A plugin can be blocked by name (``block=`` or the
-``AUTOCOMPRESS_BLOCK_PLUGINS`` variable, comma-separated), third-party autoload can be turned off
-(``AUTOCOMPRESS_DISABLE_PLUGIN_AUTOLOAD=1`` keeps only the distributions named in ``BUILTIN_DISTRIBUTIONS``), and a
-plugin that fails to import or register is reported by name without breaking the others.
+Builtin techniques are found exactly like third-party ones. A plugin can be blocked by name (``block=``, the CLI's
+``--block-plugin NAME`` or the ``AUTOCOMPRESS_BLOCK_PLUGINS`` variable, comma-separated), third-party autoload can be
+turned off (``AUTOCOMPRESS_DISABLE_PLUGIN_AUTOLOAD=1`` keeps only the distributions named in
+``BUILTIN_DISTRIBUTIONS``), and a plugin that fails to import, implements a hook that does not exist (a misspelt
+name), implements one with the wrong arguments, or raises while registering is reported by name
+(:attr:`Plugins.errors`) without breaking the others.
+
+Hooks other than registration are notifications (``autocompress_trial_completed``): each plugin's implementation is
+called on its own, so one that raises is reported by name (a :class:`PluginWarning`, kept in
+:attr:`Plugins.hook_errors`) and the others still hear the event.
+
+As in pytest, a function named with the hook prefix (``autocompress_*``) is taken as a hook implementation even
+without ``@hookimpl``, so a misspelt hook name is reported instead of silently never called.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import inspect
 import os
+import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -22,6 +35,12 @@ ENTRY_POINT_GROUP = "autocompress"
 BLOCK_ENV = "AUTOCOMPRESS_BLOCK_PLUGINS"
 NO_AUTOLOAD_ENV = "AUTOCOMPRESS_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_DISTRIBUTIONS = frozenset({"autocompress"})
+HOOK_PREFIX = "autocompress_"
+IN_CODE = "(registered in code)"
+
+
+class PluginWarning(UserWarning):
+    """A plugin misbehaved in a hook; autocompress went on without it."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +49,14 @@ class PluginInfo:
     distribution: str
     version: str
     techniques: tuple[str, ...] = ()
-    error: str | None = None  # why it failed to load, if it did
+    error: str | None = None  # why it failed to load, if it did (one line)
+    skipped: str | None = None  # why it was not loaded on purpose: "blocked", "autoload disabled"
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"ERROR {self.error}"
+        return self.skipped or "ok"
 
 
 @dataclass
@@ -41,10 +67,15 @@ class Plugins:
     techniques: dict[str, Technique] = field(default_factory=dict)
     info: list[PluginInfo] = field(default_factory=list)
     owners: dict[str, str] = field(default_factory=dict)  # technique name -> plugin name
+    hook_errors: list[str] = field(default_factory=list)  # "plugin 'x' failed in autocompress_...: ..."
 
     @property
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.info if p.error]
+
+    @property
+    def skipped(self) -> list[PluginInfo]:
+        return [p for p in self.info if p.skipped]
 
     def ordered(self, names: Iterable[str] | None = None) -> list[Technique]:
         """Techniques in the order they must be applied: by stage, then name."""
@@ -52,9 +83,26 @@ class Plugins:
         return sorted(chosen, key=lambda t: (int(t.stage), t.name))
 
 
+class _PluginManager(pluggy.PluginManager):
+    """Takes undecorated ``autocompress_*`` functions as hook implementations too (see the module docstring)."""
+
+    def parse_hookimpl_opts(self, plugin: object, name: str):  # type: ignore[override]
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith(HOOK_PREFIX):
+            attr = inspect.getattr_static(plugin, name, None)
+            if isinstance(attr, (types.FunctionType, types.MethodType, staticmethod, classmethod)):
+                return {}
+        return opts
+
+
 def _blocked_from_env() -> set[str]:
     raw = os.environ.get(BLOCK_ENV, "")
     return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def autoload_enabled() -> bool:
+    """False when ``AUTOCOMPRESS_DISABLE_PLUGIN_AUTOLOAD`` is set to anything but an empty/false value."""
+    return os.environ.get(NO_AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
 
 
 def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra: Iterable[object] = ()) -> Plugins:
@@ -64,52 +112,102 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra:
     """
     blocked = set(block) | _blocked_from_env()
     if autoload is None:
-        autoload = os.environ.get(NO_AUTOLOAD_ENV, "") in ("", "0", "false", "no")
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+        autoload = autoload_enabled()
+    pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    infos: list[tuple[str, str, str, object | None, str | None]] = []
+    # (name, distribution, version, plugin object or None, error, skipped)
+    infos: list[list] = []
+    providers: dict[str, str] = {}  # plugin name -> distribution that provides it
 
     for ep in _entry_points():
         dist = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
         if ep.name in blocked:
             pm.set_blocked(ep.name)
+            infos.append([ep.name, dist, version, None, None, "blocked"])
             continue
         if not autoload and dist not in BUILTIN_DISTRIBUTIONS:
+            infos.append([ep.name, dist, version, None, None, "autoload disabled"])
             continue
-        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+        if ep.name in providers:
+            infos.append([ep.name, dist, version, None,
+                          f"plugin name {ep.name!r} is already provided by distribution {providers[ep.name]!r}", None])
             continue
+        providers[ep.name] = dist
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not break the others
-            infos.append((ep.name, dist, version, None, f"failed to load: {type(exc).__name__}: {exc}"))
+            infos.append([ep.name, dist, version, None, f"failed to load: {_one_line(exc)}", None])
             continue
-        infos.append((ep.name, dist, version, plugin, None))
+        infos.append([ep.name, dist, version, plugin, None, None])
 
     for i, plugin in enumerate(extra):
         name = getattr(plugin, "__name__", None) or f"extra-{i}"
         if name in blocked:
+            infos.append([name, IN_CODE, "", None, None, "blocked"])
             continue
-        pm.register(plugin, name=name)
-        infos.append((name, "(registered in code)", "", plugin, None))
+        try:
+            pm.register(plugin, name=name)
+        except Exception as exc:
+            infos.append([name, IN_CODE, "", None, f"failed to load: {_one_line(exc)}", None])
+            continue
+        infos.append([name, IN_CODE, "", plugin, None, None])
 
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        bad = exc.plugin
-        name = pm.get_name(bad) if bad is not None else "?"
-        pm.unregister(bad)
-        infos = [(n, d, v, p, f"invalid hook: {exc}") if p is bad else (n, d, v, p, e) for n, d, v, p, e in infos]
+    _drop_invalid(pm, infos)
 
     registry = Plugins(manager=pm)
     impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_techniques.get_hookimpls()}
-    for name, dist, version, plugin, error in infos:
+    for name, dist, version, _plugin, error, skipped in infos:
         registered: list[str] = []
-        if error is None and name in impls:
+        if error is None and skipped is None and name in impls:
             error = _register_techniques(impls[name], registry, registered)
-        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error))
+            if error is not None:  # half a plugin is worse than none: its other hooks go too
+                pm.unregister(name=name)
+        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error, skipped))
+    _isolate_notifications(pm, registry)
     return registry
+
+
+def _isolate_notifications(pm: pluggy.PluginManager, registry: Plugins) -> None:
+    """Wrap every implementation of a notification hook so its exception is reported by plugin name instead of
+    stopping pluggy's loop (which would hide the event from the plugins after it)."""
+    for hook_name in pm.hook.__dict__:
+        if not hook_name.startswith(HOOK_PREFIX) or hook_name == "autocompress_register_techniques":
+            continue
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if not (impl.hookwrapper or impl.wrapper):
+                impl.function = _guarded(impl.function, impl.plugin_name, hook_name, registry)
+
+
+def _guarded(function, plugin: str, hook: str, registry: Plugins):
+    @functools.wraps(function)
+    def call(*args):
+        try:
+            return function(*args)
+        except Exception as exc:  # a listener's bug must not silence the other listeners nor fail a trial
+            message = f"plugin {plugin!r} failed in {hook}: {_one_line(exc)}"
+            registry.hook_errors.append(message)
+            warnings.warn(message, PluginWarning, stacklevel=2)
+            return None
+
+    return call
+
+
+def _drop_invalid(pm: pluggy.PluginManager, infos: list[list]) -> None:
+    """Unregister every plugin that implements a hook no spec declares (a misspelt name), recording why."""
+    while True:
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            bad = exc.plugin
+            if bad is None or not pm.is_registered(bad):
+                raise
+            pm.unregister(bad)
+            for row in infos:
+                if row[3] is bad:
+                    row[3], row[4] = None, f"invalid hook: {_one_line(exc)}"
 
 
 def _register_techniques(impl: pluggy.HookImpl, registry: Plugins, registered: list[str]) -> str | None:
@@ -134,8 +232,12 @@ def _register_techniques(impl: pluggy.HookImpl, registry: Plugins, registered: l
             registry.techniques.pop(tech, None)
             registry.owners.pop(tech, None)
         registered.clear()
-        return f"failed to register: {type(exc).__name__}: {exc}"
+        return f"failed to register: {_one_line(exc)}"
     return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:

@@ -1,0 +1,52 @@
+"""The builtin technique plugins meet the same contract a third-party plugin is held to (autocompress.testing)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from autocompress_quantization import QuantizationTechnique
+
+from autocompress.testing import ModelSpec, SpeedupClaim, TechniqueContract
+from autocompress.technique import TechniqueSettings
+
+BLOCK_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))"
+
+#: big enough that bf16's gain over fp32 on a CPU with bf16 GEMMs is far above timing noise
+DEIT_SMALL_ISH = ModelSpec("vit-w384-d2-64tok", "vit_small_patch16_224",
+                           dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, depth=2), batch=8)
+
+
+def _has_bf16_gemm() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _all_block_linears(fmt: str):
+    def settings(model) -> TechniqueSettings:
+        names = [n for n, _ in model.named_modules() if n.startswith("blocks.") and n.endswith(("qkv", "proj", "fc1", "fc2"))]
+        return TechniqueSettings(layers={n: {"format": fmt} for n in names})
+
+    return settings
+
+
+class TestQuantizationContract(TechniqueContract):
+    technique = QuantizationTechnique()
+    plugin = "quantization"
+    space = {
+        "layers": [
+            {"match": BLOCK_LINEARS, "format": ["fp32", "bf16", "int8_dynamic", "int8_weight", "int4_weight", "int2_weight"]},
+            {"match": "head", "format": ["fp32", "bf16", "int8_weight"]},
+        ]
+    }
+    atol = 1e-5
+    speedups = (
+        [SpeedupClaim("bf16-block-linears", DEIT_SMALL_ISH, _all_block_linears("bf16"), batch=16, min_speedup=1.0)]
+        if _has_bf16_gemm() else []
+    )
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

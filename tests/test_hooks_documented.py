@@ -1,0 +1,73 @@
+"""Every hook in autocompress/hookspecs.py is documented in docs/hooks.md and exercised by a test (datasette's habit).
+
+A hook counts as documented when docs/hooks.md has a heading naming it and mentions each of its arguments in that
+section; as exercised when some test module defines ``test_hook_<hook name>``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from autocompress import hookspecs
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS_DOC = ROOT / "docs" / "hooks.md"
+
+
+def _hooks() -> dict[str, list[str]]:
+    marker = f"{hookspecs.PROJECT}_spec"
+    return {
+        name: list(inspect.signature(fn).parameters)
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(fn, marker)
+    }
+
+
+def _doc_sections() -> dict[str, str]:
+    """Heading text -> the section under it (up to the next heading of the same or a higher level)."""
+    text = HOOKS_DOC.read_text()
+    heads = list(re.finditer(r"^(#{1,6}) (.+)$", text, flags=re.M))
+    sections = {}
+    for i, head in enumerate(heads):
+        level = len(head.group(1))
+        end = next((h.start() for h in heads[i + 1 :] if len(h.group(1)) <= level), len(text))
+        sections[head.group(2)] = text[head.end() : end]
+    return sections
+
+
+def _test_functions() -> set[str]:
+    names = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_hook_"):
+                names.add(node.name)
+    return names
+
+
+def test_there_are_hooks_to_check() -> None:
+    assert "autocompress_register_techniques" in _hooks()
+
+
+@pytest.mark.parametrize("hook", sorted(_hooks()))
+def test_hook_is_documented(hook: str) -> None:
+    sections = {heading: body for heading, body in _doc_sections().items() if re.search(rf"\b{hook}\b", heading)}
+    assert sections, f"docs/hooks.md has no heading for {hook}"
+    body = "".join(sections.values())
+    for arg in _hooks()[hook]:
+        assert re.search(rf"\b{arg}\b", body), f"docs/hooks.md does not describe argument {arg!r} of {hook}"
+
+
+@pytest.mark.parametrize("hook", sorted(_hooks()))
+def test_hook_is_exercised_by_a_test(hook: str) -> None:
+    assert f"test_hook_{hook}" in _test_functions(), f"no test named test_hook_{hook} under tests/"
+
+
+def test_documented_hooks_exist() -> None:
+    """A documented hook that was renamed or removed is a lie in the docs."""
+    documented = set(re.findall(r"^#+ `(autocompress_\w+)\(", HOOKS_DOC.read_text(), flags=re.M))
+    assert documented == set(_hooks())
