@@ -23,23 +23,28 @@ from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
 from autocompress.results import SearchResult
 from autocompress.space import SearchSpace
-from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
+from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings, TrialStopped
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ApplyContext", "AutocompressError", "Budget", "InputError", "Plugins", "Policy", "RunConfig", "SearchResult",
-    "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "apply", "hookimpl",
+    "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "TrialStopped", "apply", "hookimpl",
     "load_compressed", "load_config", "load_plugins", "measure_latency", "memory_mb", "save_compressed", "search",
     "weight_bytes",
 ]
 
 
-def search(*args: Any, **kwargs: Any) -> SearchResult:
-    """See :func:`autocompress.search.search` (imported lazily: it pulls in Optuna)."""
-    from autocompress.search import search as _search
+# The subpackage ``autocompress.search`` shares its name with the function below, and Python binds a subpackage to
+# its parent's attribute when it is first imported: imported here, before the function is defined, so that
+# ``autocompress.search(...)`` stays the function whatever imports ``autocompress.search.*`` later. (The subpackage
+# imports Optuna and Ray only when a backend runs.)
+import autocompress.search as _search_package  # noqa: E402
 
-    return _search(*args, **kwargs)
+
+def search(*args: Any, **kwargs: Any) -> SearchResult:
+    """See :func:`autocompress.search.search`."""
+    return _search_package.search(*args, **kwargs)
 
 
 def apply(model: nn.Module, policy: Policy | str, plugins: Plugins | None = None,

@@ -17,7 +17,7 @@ from torch import nn
 from autocompress.errors import InputError, TechniqueError
 from autocompress.io import atomic_torch_save
 from autocompress.policy import Policy
-from autocompress.technique import ApplyContext, Technique
+from autocompress.technique import ApplyContext, Technique, TrialStopped
 
 FORMAT = "autocompress.compressed/1"
 
@@ -71,7 +71,7 @@ def apply_policy(
         torch.manual_seed(ctx.seed)
         try:
             model = technique.apply(model, settings, ctx)
-        except InputError:
+        except (InputError, TrialStopped):  # a stop request is the search's decision, not a technique failure
             raise
         except Exception as exc:
             raise TechniqueError(f"{technique.name}: {type(exc).__name__}: {exc}") from exc

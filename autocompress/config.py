@@ -17,6 +17,11 @@ from autocompress.errors import InputError
 from autocompress.policy import _yaml_where
 
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+#: search.objective -> the early-stopping rules it supports (auto: successive_halving for single, median for multi)
+PRUNERS = {
+    "multi": ("auto", "none", "median"),
+    "single": ("auto", "none", "median", "successive_halving", "hyperband"),
+}
 
 
 @dataclass
@@ -56,6 +61,16 @@ class SearchConfig:
     timeout_s: float | None = None
     trial_timeout_s: float | None = None
     baselines: bool = True  # enqueue the uncompressed and uniform policies first
+    # multi: maximize accuracy and minimize the budgeted cost (Pareto front); single: maximize accuracy only, the
+    # budget staying a constraint -- the mode in which Optuna's pruners work (see autocompress/search/early_stopping.py)
+    objective: str = "multi"
+    pruner: str = "auto"  # early stopping of training trials: auto | none | median | successive_halving | hyperband
+    # latency budgets: predict each candidate's latency from the per-layer table (`autocompress profile`, cached per
+    # machine, torch, model and target) and skip it, without compressing or evaluating it, when the prediction is
+    # over latency_model_margin x the budget; every evaluated candidate is still measured end to end
+    latency_model: bool = True
+    latency_model_margin: float = 1.3
+    latency_table: str | None = None  # the table file; default: in the user cache ($AUTOCOMPRESS_CACHE_DIR)
 
 
 @dataclass
@@ -193,6 +208,16 @@ def validate(config: RunConfig) -> None:
             raise InputError(f"{src}.{key}", f"must be at least 1, got {value}")
     if config.target.warmup < 0:
         raise InputError(f"{src}.target.warmup", "must be 0 or more")
+    if config.search.objective not in PRUNERS:
+        raise InputError(f"{src}.search.objective", f"unknown objective {config.search.objective!r} (multi, single)")
+    if config.search.pruner not in PRUNERS[config.search.objective]:
+        known = ", ".join(PRUNERS[config.search.objective])
+        hint = " (Optuna's pruners need search.objective: single)" if config.search.pruner in PRUNERS["single"] else ""
+        raise InputError(f"{src}.search.pruner", f"{config.search.pruner!r} is not one of: {known}{hint}")
+    if not config.search.latency_model_margin >= 1.0:  # also catches NaN
+        raise InputError(f"{src}.search.latency_model_margin",
+                         f"must be at least 1.0 (a candidate is skipped when predicted over margin x the budget), "
+                         f"got {config.search.latency_model_margin}")
     if config.search.sampler not in ("tpe", "nsga2", "random"):
         raise InputError(f"{src}.search.sampler", f"unknown sampler {config.search.sampler!r} (tpe, nsga2, random)")
     if config.data.kind not in ("fashion_mnist", "image_folder"):

@@ -26,13 +26,9 @@ from autocompress.models import create_model, load_checkpoint
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
 from autocompress.space import ResolvedSpace, SearchSpace
-from autocompress.technique import ApplyContext, Stage
+from autocompress.technique import ApplyContext, Stage, TrialStopped  # TrialStopped: re-exported
 
 Log = Callable[[str], None]
-
-
-class TrialStopped(Exception):
-    """Raised through a technique when the search asks a trial to stop early (its intermediate score is poor)."""
 
 
 @dataclass
@@ -183,6 +179,39 @@ def load_model(config: RunConfig, data: Dataset, log: Log = print) -> nn.Module:
     return load_checkpoint(model, path, field=f"{config.source}.model.checkpoint")
 
 
+@dataclass
+class TrialReport:
+    """One trial's intermediate scores, and the search's rule for stopping it early (multi-fidelity).
+
+    A training technique calls it as ``ctx.report(step, value)``. ``decide(step, value, cost)`` returns the reason
+    to stop, or None; ``cost`` is the trial's budgeted cost measured on its structure before recovery training
+    (NaN when not measured), so a rule can compare a trial only with trials at most as costly.
+    """
+
+    decide: Callable[[int, float, float], str | None]
+    cost: float = math.nan
+    values: dict[int, float] = field(default_factory=dict)
+    reason: str = ""
+
+    def __call__(self, step: int, value: float) -> bool:
+        self.values[int(step)] = float(value)
+        why = self.decide(int(step), float(value), self.cost)
+        if why:
+            self.reason = why
+        return bool(why)
+
+
+def format_progress(values: dict[int, float]) -> str:
+    """Intermediate scores as one ``trials.csv`` cell: ``"25:0.7120 50:0.7410"``."""
+    return " ".join(f"{step}:{value:.4f}" for step, value in sorted(values.items()))
+
+
+def parse_progress(text: Any) -> dict[int, float]:
+    if not isinstance(text, str) or not text.strip():
+        return {}
+    return {int(step): float(value) for step, value in (item.split(":") for item in text.split())}
+
+
 def evaluate_params(
     run: RunContext, params: dict[str, Any], number: int, report: Callable[[int, float], bool] | None = None
 ) -> dict[str, Any]:
@@ -195,6 +224,7 @@ def evaluate_params(
     record: dict[str, Any] = {
         "number": number, "state": "COMPLETE", "feasible": False, "val_accuracy": math.nan,
         "latency_ms": math.nan, "memory_mb": math.nan, "simulated": "", "policy": "", "skipped": "", "error": "",
+        "progress": "",
     }
     seed = run.config.search.seed + number
     metric, limit = run.budget.metric, run.limit
@@ -207,14 +237,17 @@ def evaluate_params(
             with torch.random.fork_rng():
                 skeleton = apply_policy(run.model, policy, run.techniques, ApplyContext(structure_only=True, seed=seed))
             record["memory_mb"] = memory_mb(skeleton)
+            pre_cost = record["memory_mb"]
             if metric == "memory_mb" and record["memory_mb"] > limit:
                 record["skipped"] = "memory over budget"
             elif metric == "latency_ms":
-                pre = run.measure(skeleton)
+                pre = pre_cost = run.measure(skeleton)
                 if pre > limit * 1.15:  # clearly over: do not pay for training
                     record["latency_ms"] = pre
                     record["skipped"] = "latency over budget (before recovery training)"
             del skeleton
+            if isinstance(report, TrialReport):
+                report.cost = pre_cost  # early-stopping rules compare trials of similar cost
         if not record["skipped"]:
             model = run.compress(policy, seed=seed, report=report)
             record["memory_mb"] = memory_mb(model)
@@ -229,12 +262,15 @@ def evaluate_params(
         record["feasible"] = not record["skipped"] and record[metric] <= limit
     except TrialStopped as exc:
         record["state"] = "PRUNED"
-        record["skipped"] = f"stopped early: {exc}"
+        why = report.reason if isinstance(report, TrialReport) and report.reason else ""
+        record["skipped"] = f"stopped early at {exc}" + (f" ({why})" if why else "")
     except (TechniqueError, InputError) as exc:
         record["state"], record["error"] = "FAIL", str(exc)
     except Exception as exc:  # a bug anywhere in a plugin fails only this trial
         record["state"] = "FAIL"
         record["error"] = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2).splitlines()[-3].strip()}"
+    if isinstance(report, TrialReport):
+        record["progress"] = format_progress(report.values)
     record["duration_s"] = round(time.perf_counter() - started, 3)
     return record
 

@@ -25,6 +25,12 @@ class Stage(enum.IntEnum):
     FORMAT = 40  # quantization: numeric format of the final weights
 
 
+class TrialStopped(Exception):
+    """Raised by a technique when ``ctx.report`` says the search wants this trial stopped early (its intermediate
+    score is poor). The runner records the trial as PRUNED with the reason; it lives here so that plugins need not
+    import the runner."""
+
+
 @dataclass
 class TechniqueSettings:
     """One technique's part of a policy: per-layer knob values keyed by module name, plus global options."""
@@ -43,7 +49,8 @@ class ApplyContext:
     ``structure_only`` asks for the right structure and kernels without data-dependent or training work (used to
     rebuild a saved model before loading its weights, and for cheap cost checks). ``cache`` lives for a whole run
     (e.g. teacher outputs) and is shared by all trials. ``report`` passes an intermediate validation score to the
-    search (step, value) and returns True when the trial should stop early.
+    search (step, value) and returns True when the trial should stop early; the technique then raises
+    :class:`TrialStopped`.
     """
 
     structure_only: bool = False

@@ -1,5 +1,7 @@
 """The Optuna backend: a study that maximizes validation accuracy and minimizes the budgeted cost, with the budget
-as a constraint (``trial.set_constraint``), stored in SQLite (or any Optuna storage URL) so a run can resume."""
+as a constraint (``trial.set_constraint``), stored in SQLite (or any Optuna storage URL) so a run can resume.
+With ``search.objective: single`` it maximizes accuracy alone (budget still a constraint) so Optuna's pruners can
+stop training trials early; see ``early_stopping.py`` for what stops them in the multi-objective study."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from optuna.trial import TrialState
 
 from autocompress.config import SearchConfig
 from autocompress.errors import InputError
-from autocompress.runner import RunContext, evaluate_params
+from autocompress.runner import RunContext, TrialReport, evaluate_params, parse_progress
+from autocompress.search.early_stopping import MedianRule, resolve_pruner
 
 STUDY_NAME = "autocompress"
 _STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
@@ -27,15 +30,36 @@ def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
     raise InputError("search.sampler", f"unknown sampler {search.sampler!r}")
 
 
+def make_pruner(search: SearchConfig) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for a single-objective study; a multi-objective one prunes with :class:`MedianRule`.
+
+    Reports come at steps 25, 50, 100, ...: with ``min_resource=1`` and a reduction factor of 2, each report meets
+    about one successive-halving rung, so a trial goes on only while it is in the better half at its step.
+    """
+    name = resolve_pruner(search.objective, search.pruner)
+    if search.objective != "single" or name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=2)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+
+
 def open_study(run: RunContext, storage: str, resume: bool) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    single = run.config.search.objective == "single"
     study = optuna.create_study(
         study_name=STUDY_NAME,
         storage=storage,
-        directions=["maximize", "minimize"],
+        directions=["maximize"] if single else ["maximize", "minimize"],
         sampler=make_sampler(run.config.search),
+        pruner=make_pruner(run.config.search),
         load_if_exists=resume,
     )
+    if len(study.directions) != (1 if single else 2):
+        was = "single" if len(study.directions) == 1 else "multi"
+        raise InputError("search.objective", f"the run being resumed was searched with objective {was!r}")
     return study
 
 
@@ -83,9 +107,13 @@ def run_optuna(
     limit, metric = run.limit, run.budget.metric
     dims = run.space.dimensions
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    single = run.config.search.objective == "single"
+    pruner = resolve_pruner(run.config.search.objective, run.config.search.pruner)
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         params = {d.name: trial.suggest_categorical(d.name, list(d.choices)) for d in dims}
-        record = evaluate_params(run, params, trial.number)
+        report = None if pruner == "none" else trial_report(study, trial, pruner, single, metric)
+        record = evaluate_params(run, params, trial.number, report=report)
         record.setdefault("baseline", trial.user_attrs.get("baseline", ""))
         for key, value in record.items():
             if key not in ("number", "state"):
@@ -99,13 +127,34 @@ def run_optuna(
         cost = record[metric]
         trial.set_constraint("budget", float(cost - limit) if math.isfinite(cost) else 1e9)
         acc = record["val_accuracy"]
-        return (acc if math.isfinite(acc) else 0.0), (cost if math.isfinite(cost) else 1e9)
+        acc = acc if math.isfinite(acc) else 0.0
+        return acc if single else (acc, cost if math.isfinite(cost) else 1e9)
 
     remaining = run.config.search.trials - len(finished_trials(study))
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, timeout=run.config.search.timeout_s,
                        catch=(_TrialFailed,), gc_after_trial=True)
     return study
+
+
+def trial_report(study: optuna.Study, trial: optuna.Trial, pruner: str, single: bool, metric: str) -> TrialReport:
+    """How one trial's intermediate scores reach the early-stopping rule (see ``early_stopping.py``)."""
+    if single:
+        def decide(step: int, value: float, cost: float) -> str | None:
+            trial.report(value, step)
+            return f"{pruner} pruner" if trial.should_prune() else None
+    else:
+        rule = MedianRule()
+
+        def decide(step: int, value: float, cost: float) -> str | None:
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            finished = [(parse_progress(t.user_attrs.get("progress")), _cost(t.user_attrs.get(metric))) for t in done]
+            return rule.reason_to_stop(step, value, cost, finished)
+    return TrialReport(decide)
+
+
+def _cost(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 class _TrialFailed(Exception):
