@@ -27,12 +27,13 @@ class TeacherTargets:
 
 def split_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pooled pre-logit features, logits)`` of a timm model, from one forward pass."""
-    if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
+    if not all(hasattr(model, a) for a in ("forward_features", "forward_head")):
         raise ValueError(
             f"the feature term needs a timm model (forward_features/forward_head); got {type(model).__name__}"
         )
-    pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-    return pooled, model.get_classifier()(pooled)
+    tokens = model.forward_features(images)
+    # the head is applied by the model itself: some models have several (distilled DeiT averages two)
+    return model.forward_head(tokens, pre_logits=True), model.forward_head(tokens)
 
 
 def compute_teacher_outputs(
