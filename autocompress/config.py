@@ -106,10 +106,14 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         text = path.read_text()
     except OSError as exc:
         raise InputError(str(path), f"cannot read config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise InputError(str(path), "not a text file (expected a YAML config)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+    if not isinstance(data, Mapping):
+        raise InputError(str(path), "a config must be a YAML mapping (model:, data:, budget: ...)")
     config = config_from_dict(data, source="config", base_dir=path.resolve().parent)
     for key, value in (overrides or {}).items():
         set_dotted(config, key, value)
@@ -208,6 +212,10 @@ def validate(config: RunConfig) -> None:
             raise InputError(f"{src}.{key}", f"must be at least 1, got {value}")
     if config.target.warmup < 0:
         raise InputError(f"{src}.target.warmup", "must be 0 or more")
+    for key in ("timeout_s", "trial_timeout_s"):
+        value = getattr(config.search, key)
+        if value is not None and not value > 0:  # also catches NaN
+            raise InputError(f"{src}.search.{key}", f"must be a positive number of seconds, got {value}")
     if config.search.objective not in PRUNERS:
         raise InputError(f"{src}.search.objective", f"unknown objective {config.search.objective!r} (multi, single)")
     if config.search.pruner not in PRUNERS[config.search.objective]:

@@ -62,6 +62,16 @@ class ApplyContext:
     report: Callable[[int, float], bool] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
+    def check_deadline(self) -> None:
+        """Raise :class:`autocompress.timelimit.TrialTimeout` once the trial is past ``search.trial_timeout_s``.
+
+        Long loops (training steps, calibration batches) call this between steps: in a worker thread (Ray) it is
+        the only way a trial's time bound can stop them; in the main thread a timer also stops them without it.
+        """
+        from autocompress.timelimit import check_deadline
+
+        check_deadline()
+
 
 class Technique(ABC):
     """Base class of compression techniques.
