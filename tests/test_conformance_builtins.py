@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-
+from autocompress_distillation import DistillationTechnique
 from autocompress_quantization import QuantizationTechnique
 
 from autocompress.testing import ModelSpec, SpeedupClaim, TechniqueContract
@@ -48,5 +47,11 @@ class TestQuantizationContract(TechniqueContract):
     )
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+class TestDistillationContract(TechniqueContract):
+    """Options only (no per-layer knobs); a few training steps on the contract's small random training set."""
+
+    technique = DistillationTechnique()
+    plugin = "distillation"
+    space = {"options": {"steps": [0, 3], "temperature": [2.0, 4.0], "alpha": [0.5, 1.0], "lr": [1e-3],
+                         "feature_weight": [0.0, 0.5], "batch_size": [16]}}
+    atol = 1e-5

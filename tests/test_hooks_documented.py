@@ -71,3 +71,27 @@ def test_documented_hooks_exist() -> None:
     """A documented hook that was renamed or removed is a lie in the docs."""
     documented = set(re.findall(r"^#+ `(autocompress_\w+)\(", HOOKS_DOC.read_text(), flags=re.M))
     assert documented == set(_hooks())
+
+
+def test_writing_a_plugin_example_passes_the_contract(tmp_path: Path) -> None:
+    """The guide's files, written out as they are shown, make a plugin that passes the contract suite."""
+    import os
+    import subprocess
+    import sys
+
+    guide = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    written = []
+    for block in re.findall(r"```(?:python|toml)\n(.*?)```", guide, flags=re.S):
+        first, _, body = block.partition("\n")
+        path = re.fullmatch(r"# ([\w./-]+\.(?:py|toml))", first.strip())
+        if path:
+            target = tmp_path / path.group(1)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(block)
+            written.append(path.group(1))
+    assert sorted(written) == ["pyproject.toml", "src/autocompress_blockdrop/__init__.py", "tests/test_contract.py"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\b(\d+) passed", proc.stdout) and " failed" not in proc.stdout

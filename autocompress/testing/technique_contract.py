@@ -210,7 +210,10 @@ class TechniqueContract:
         if "spec" in metafunc.fixturenames:
             metafunc.parametrize("spec", list(self.models), ids=[m.id for m in self.models])
         if "claim" in metafunc.fixturenames:
-            metafunc.parametrize("claim", list(self.speedups), ids=[c.id for c in self.speedups])
+            claims = [pytest.param(c, id=c.id) for c in self.speedups] or [
+                pytest.param(None, id="none", marks=pytest.mark.skip(reason="no speedup claimed (set `speedups`)"))
+            ]
+            metafunc.parametrize("claim", claims)
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
@@ -287,8 +290,9 @@ class TechniqueContract:
         tech = self.make_technique()
         model = spec.create()
         layers = tech.candidate_layers(model)
-        assert layers, f"{tech.name} offers no layer on {spec.id}"
-        assert all(isinstance(n, str) for n in layers)
+        assert isinstance(layers, list) and all(isinstance(n, str) for n in layers)
+        if tech.layer_knobs:
+            assert layers, f"{tech.name} has per-layer knobs but offers no layer on {spec.id}"
         assert len(set(layers)) == len(layers), "candidate layers repeat"
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         missing = [n for n in layers if n not in order]
@@ -388,7 +392,7 @@ class TechniqueContract:
             by_knob.setdefault((d.knob, d.layer is None), d)
         for knob in tech.layer_knobs:
             dim = by_knob.get((knob, False))
-            layer = dim.layer if dim else layers[0]
+            layer = dim.layer if dim else (layers[0] if layers else None)
             for value in self.garbage_values(knob, dim):
                 with pytest.raises(ValueError):
                     tech.check_value(case.model, layer, knob, value)
