@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except InputError as exc:
-        print(f"autocompress: error: {exc}", file=sys.stderr)
+        print(f"autocompress: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return EXIT_INPUT
     except NoFeasiblePolicy as exc:
         print(f"autocompress: {exc}", file=sys.stderr)
@@ -132,17 +132,44 @@ def _search(args: argparse.Namespace) -> int:
     if args.block_plugin:
         config.plugins.setdefault("block", [])
         config.plugins["block"] = list(config.plugins["block"]) + list(args.block_plugin)
+    from autocompress.results import no_feasible_message
+
     result = search(
-        config, budget=args.budget, trials=args.trials, sampler=args.sampler, seed=args.seed, space=args.space,
-        out=args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
+        config, budget=args.budget, trials=args.trials, sampler=args.sampler, seed=args.seed,
+        space=_from_cwd(args.space), out=_from_cwd(args.out), resume=args.resume, backend=args.backend,
+        progress=not args.no_progress,
     )
     print(f"run directory: {result.run_dir}")
     if not result.feasible:
-        raise NoFeasiblePolicy(
-            f"no policy met the budget {result.budget} in {len(result.trials)} trials; the closest are in "
-            f"{result.run_dir / 'trials.csv'}"
-        )
+        raise NoFeasiblePolicy(no_feasible_message(result))
     return 0
+
+
+def _from_cwd(value: str | None) -> str | None:
+    """A path typed on the command line means from here, not from the config file's folder (where the config's own
+    relative paths point). A bare name (``--space vit``) stays a name."""
+    from autocompress.runner import _is_path
+
+    if value is None or not _is_path(value):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def _check_out_file(out: Path) -> None:
+    """Fail before any work when the output file cannot be written."""
+    import tempfile
+
+    if out.is_dir():
+        raise InputError("--out", f"{out} is a directory; give a file name")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError("--out", f"cannot write {out}: {folder} is a file")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise InputError("--out", f"cannot write under {folder} ({exc.strerror or exc})") from None
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -157,13 +184,12 @@ def _apply(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     policy = Policy.load(args.policy)
     out = Path(args.out)
-    if out.is_dir():
-        raise InputError("--out", f"{out} is a directory; give a file name")
+    _check_out_file(out)
+    if policy.model and policy.model != config.model.name:
+        raise InputError(f"{args.policy}.model", f"policy was made for {policy.model!r}, config has {config.model.name!r}")
     plugins = load_plugins(block=list(config.plugins.get("block", [])) + args.block_plugin)
     data = load_data(config)
     model = load_model(config, data)
-    if policy.model and policy.model != config.model.name:
-        raise InputError(f"{args.policy}.model", f"policy was made for {policy.model!r}, config has {config.model.name!r}")
     check_policy(policy, model, plugins.techniques, source=args.policy)
     compressed = compress(model, policy, plugins.techniques, config, data, seed=config.search.seed)
     save_compressed(out, compressed, policy, config.model.name, config.model.kwargs)

@@ -26,3 +26,12 @@ class TechniqueError(AutocompressError):
 
 class NoFeasiblePolicy(AutocompressError):
     """The search finished without a single policy that meets the budget."""
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search. Carries the rows of the trials that finished, so they are saved before exiting;
+    the trial that was cut short is marked interrupted and runs again on ``--resume``."""
+
+    def __init__(self, rows: list) -> None:
+        super().__init__("search interrupted")
+        self.rows = rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
     path = Path(path)
     if not path.is_file():
         raise InputError(field, f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt or unsafe files all land here
-        raise InputError(field, f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)})") from None
+        except Exception as exc:  # truncated or corrupt
+            raise InputError(field, f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)})") from None
+    else:
+        state = safe_torch_load(path, field)
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if key in state and isinstance(state[key], dict):
@@ -54,6 +55,26 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
     except RuntimeError as exc:
         raise InputError(field, f"{path} does not fit the model architecture ({_first_line(exc, 160)})") from None
     return model.eval()
+
+
+def safe_torch_load(path: Path, field: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
+
+    A file that carries other Python objects is refused with the global it names, and the message does not suggest
+    ``weights_only=False`` (torch's own text does): running code from a checkpoint is never the fix.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise InputError(
+            field, f"refused {path}: it holds pickled Python objects{what}, not only tensors (loaded with weights_only=True)"
+        ) from None
+    except Exception as exc:  # truncated, corrupt, not a torch file
+        raise InputError(field, f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def save_checkpoint(model: nn.Module, path: str | Path) -> None:

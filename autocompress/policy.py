@@ -148,6 +148,8 @@ class Policy:
             text = path.read_text()
         except OSError as exc:
             raise InputError(str(path), f"cannot read policy ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise InputError(str(path), "not a text file (expected a YAML policy)") from None
         return cls.from_yaml(text, source=str(path))
 
     def summary(self) -> str:

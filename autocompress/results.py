@@ -28,6 +28,8 @@ class SearchResult:
     limit: float
     metric: str
     run_dir: Path | None = None
+    #: when no trial met the budget: the closest ones, with validation accuracy measured for them (else None)
+    closest: pd.DataFrame | None = None
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -110,4 +112,40 @@ def summary_table(result: SearchResult, limit_rows: int = 8) -> str:
             f"{int(row['number']):>5} {row['val_accuracy']:8.4f} {test_s} {row['latency_ms']:10.2f} "
             f"{row['speedup']:7.2f} {row['memory_mb']:9.3f}  {row['policy']}{sim}"
         )
+    return "\n".join(lines)
+
+
+def closest_to_budget(frame: pd.DataFrame, metric: str, limit: float, n: int = 3) -> pd.DataFrame:
+    """The ``n`` completed trials whose measured budgeted cost came nearest the limit (over it, when no trial met it)."""
+    if frame.empty:
+        return frame
+    cost = pd.to_numeric(frame[metric], errors="coerce")
+    measured = frame[cost.notna() & (frame["state"] == "COMPLETE")].copy()
+    measured["_distance"] = (cost[measured.index] - limit).abs()
+    return measured.sort_values(["_distance", "number"], kind="stable").head(n).drop(columns="_distance")
+
+
+def no_feasible_message(result: SearchResult) -> str:
+    """What to tell a user whose whole search found nothing within the budget: a plain statement, the closest
+    policies with their measured cost and validation accuracy, and where the rest is."""
+    unit = "ms" if result.metric == "latency_ms" else "MB"
+    lines = [
+        f"no policy met the budget {result.budget} ({result.metric} <= {result.limit:.3f}) in {len(result.trials)} "
+        f"trials."
+    ]
+    closest = result.closest if result.closest is not None else closest_to_budget(result.trials, result.metric, result.limit)
+    if closest.empty:
+        lines.append("No trial could be measured (see the error column of trials.csv).")
+    else:
+        lines.append(f"The {len(closest)} closest:")
+        for _, row in closest.iterrows():
+            cost = float(row[result.metric])
+            acc = pd.to_numeric(pd.Series([row["val_accuracy"]]), errors="coerce").iloc[0]
+            acc_s = f"val acc {acc:.4f}" if pd.notna(acc) else "val acc not measured"
+            lines.append(
+                f"  trial {int(row['number'])}: {cost:.3f} {unit} ({cost / result.limit:.2f}x the limit), {acc_s}, "
+                f"{row['policy'] or 'uncompressed'}"
+            )
+    if result.run_dir is not None:
+        lines.append(f"All trials: {result.run_dir / 'trials.csv'}")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
 from autocompress.space import ResolvedSpace, SearchSpace
 from autocompress.technique import ApplyContext, Stage, TrialStopped  # TrialStopped: re-exported
+from autocompress.timelimit import TrialTimeout, time_limit
 
 Log = Callable[[str], None]
 
@@ -118,6 +119,9 @@ def prepare(
 ) -> RunContext:
     """Load (or take) the pieces of a run and measure the uncompressed baseline, unless given (on resume)."""
     torch.set_num_threads(config.target.threads)
+    # cheap checks first, so a wrong budget or space file fails before any data or model is loaded
+    budget = config_budget(config)
+    space = SearchSpace.load(config.resolve_path(config.space) if _is_path(config.space) else config.space)
     if plugins is None:
         plugins = load_plugins(block=config.plugins.get("block", ()))
         for bad in plugins.errors:
@@ -128,8 +132,6 @@ def prepare(
     if model is None:
         model = load_model(config, data, log)
     model.eval()
-    budget = config_budget(config)
-    space = SearchSpace.load(config.resolve_path(config.space) if _is_path(config.space) else config.space)
     resolved = space.resolve(model, plugins.techniques)
     example = example_batch(data, config.target.batch_size)
     try:
@@ -215,6 +217,30 @@ def parse_progress(text: Any) -> dict[int, float]:
 def evaluate_params(
     run: RunContext, params: dict[str, Any], number: int, report: Callable[[int, float], bool] | None = None
 ) -> dict[str, Any]:
+    """Compress, measure, evaluate one candidate within ``search.trial_timeout_s``; returns the trial record.
+
+    A trial past its bound fails with the reason (see :mod:`autocompress.timelimit` for how the bound is enforced
+    in the main thread and in worker threads); the search goes on.
+    """
+    started = time.perf_counter()
+    bound = run.config.search.trial_timeout_s
+    try:
+        with time_limit(bound):
+            record = _evaluate_params(run, params, number, report)
+        if bound is not None and time.perf_counter() - started > bound and record["state"] != "FAIL":
+            raise TrialTimeout(f"exceeded the trial time bound of {bound:g} s (search.trial_timeout_s)")
+    except TrialTimeout as exc:
+        record = {
+            "number": number, "state": "FAIL", "feasible": False, "val_accuracy": math.nan, "latency_ms": math.nan,
+            "memory_mb": math.nan, "simulated": "", "policy": run.policy(params).summary(), "skipped": "",
+            "error": str(exc), "duration_s": round(time.perf_counter() - started, 3),
+        }
+    return record
+
+
+def _evaluate_params(
+    run: RunContext, params: dict[str, Any], number: int, report: Callable[[int, float], bool] | None = None
+) -> dict[str, Any]:
     """Compress, measure, evaluate one candidate. Returns the trial record (a row of ``trials.csv``).
 
     Costs come first and cheap ones first: memory (no run needed), then, when recovery training would be paid for,
@@ -250,12 +276,15 @@ def evaluate_params(
                 report.cost = pre_cost  # early-stopping rules compare trials of similar cost
         if not record["skipped"]:
             model = run.compress(policy, seed=seed, report=report)
+            with torch.inference_mode():  # a broken model fails here, whether or not it meets the budget
+                if not bool(torch.isfinite(model(run.example[:8])).all()):
+                    raise TechniqueError("the compressed model outputs NaN or infinite values")
             record["memory_mb"] = memory_mb(model)
             record["latency_ms"] = run.measure(model)
             if record[metric] > limit:
                 record["skipped"] = f"{metric.split('_')[0]} over budget"
             else:
-                acc = accuracy(model, run.data.val)
+                acc = accuracy(model, run.data.val, require_finite=True)
                 if not math.isfinite(acc):
                     raise TechniqueError("validation accuracy is not a number")
                 record["val_accuracy"] = acc

@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 import torch
 import yaml
 from torch import nn
@@ -19,10 +21,13 @@ from torch import nn
 from autocompress.compose import save_compressed
 from autocompress.config import RunConfig, config_from_dict, load_config, validate
 from autocompress.data import Dataset
-from autocompress.errors import InputError
+from autocompress.errors import InputError, SearchInterrupted
 from autocompress.evaluate import accuracy
 from autocompress.io import atomic_write_csv, atomic_write_text
-from autocompress.results import SearchResult, params_of, pareto_front, summary_table, trials_frame
+from autocompress.policy import _yaml_where
+from autocompress.results import (
+    SearchResult, closest_to_budget, params_of, pareto_front, summary_table, trials_frame,
+)
 from autocompress.runner import RunContext, prepare
 
 __all__ = ["search", "BACKENDS", "finish_run"]
@@ -79,15 +84,24 @@ def search(
     run_dir = config.resolve_path(config.out)
     _check_run_dir(run_dir, resume)
     baseline = _saved_baseline(run_dir) if resume else None
+    if resume:
+        _check_same_run(config, run_dir, given={k for k in ("budget", "space") if overrides[k] is not None})
     run = prepare(config, plugins=plugins, model=model, data=data, baseline=baseline, log=log)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    atomic_write_text(run_dir / "baseline.yaml", yaml.safe_dump(run.baseline.to_dict(), sort_keys=False))
+    try:  # nothing is written before every input has been checked
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / "baseline.yaml", yaml.safe_dump(run.baseline.to_dict(), sort_keys=False))
+    except OSError as exc:
+        raise InputError("out", f"cannot write the run directory {run_dir} ({exc.strerror or exc})") from None
 
     module_name, func_name = BACKENDS[config.search.backend].split(":")
     backend_run = getattr(importlib.import_module(module_name), func_name)
-    rows = backend_run(run, run_dir, resume, progress=progress, log=log, **(backend_options or {}))
+    try:
+        rows = backend_run(run, run_dir, resume, progress=progress, log=log, **(backend_options or {}))
+    except SearchInterrupted as exc:  # Ctrl-C: keep what finished, then stop
+        atomic_write_csv(run_dir / "trials.csv", trials_frame(exc.rows, run.baseline.latency_ms))
+        raise
     return finish_run(run, rows, run_dir, log=log)
 
 
@@ -117,9 +131,10 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
         front["val_accuracy_rebuilt"] = vals
         front["val_drop_points"] = 100 * (baseline["val_accuracy"] - front["val_accuracy"])
         front["test_drop_points"] = 100 * (baseline["test_accuracy"] - front["test_accuracy"])
+    closest = None if not front.empty else _closest_with_accuracy(run, frame)
     result = SearchResult(
         trials=frame, pareto=front, best_policy=best_policy, baseline=baseline, budget=str(run.budget),
-        limit=run.limit, metric=metric, run_dir=run_dir,
+        limit=run.limit, metric=metric, run_dir=run_dir, closest=closest,
     )
     if run_dir is not None:
         atomic_write_csv(run_dir / "trials.csv", frame)
@@ -149,6 +164,24 @@ def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
             f"retry with `autocompress report {run_dir}`")
 
 
+def _closest_with_accuracy(run: RunContext, frame: Any, n: int = 3) -> Any:
+    """No trial met the budget: the ``n`` nearest it, with the validation accuracy the search skipped (over-budget
+    trials are not evaluated), so the user sees what relaxing the budget would buy."""
+    closest = closest_to_budget(frame, run.budget.metric, run.limit, n)
+    accs = []
+    for _, row in closest.iterrows():
+        acc = pd.to_numeric(pd.Series([row["val_accuracy"]]), errors="coerce").iloc[0]
+        if pd.isna(acc):
+            try:
+                policy = run.policy(params_of(row.to_dict(), frame.columns))
+                acc = accuracy(run.compress(policy, seed=run.config.search.seed + int(row["number"])), run.data.val)
+            except Exception:  # a technique that fails here already failed or was skipped in its trial
+                acc = math.nan
+        accs.append(acc)
+    closest["val_accuracy"] = accs
+    return closest
+
+
 def _as_config(config: RunConfig | str | Path | dict | None) -> RunConfig:
     if config is None:
         return RunConfig()
@@ -164,15 +197,60 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         if not (run_dir / "baseline.yaml").is_file():
             raise InputError("out", f"nothing to resume in {run_dir} (no baseline.yaml)")
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("out", f"{run_dir} is a file, not a run directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise InputError("out", f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     probe = run_dir
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise InputError("out", f"cannot write under {probe}")
+    if not probe.is_dir():
+        raise InputError("out", f"cannot create {run_dir}: {probe} is a file")
+    try:  # really try (os.access says yes to root on read-only mounts and /proc)
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as exc:
+        raise InputError("out", f"cannot write under {probe} ({exc.strerror or exc})") from None
+
+
+#: config fields a resumed run must share with the run it continues (trials, timeouts and seed may change)
+SAME_ON_RESUME = ("model", "data", "target", "budget", "space", "search.backend")
+
+
+
+def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
+    """A resumed run must measure and search the same thing, or its old and new trials cannot be compared.
+
+    The budget and space are the run's own: unless given again explicitly (``given``), they are taken from it.
+    """
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
+        raise InputError(str(run_dir / "config.yaml"), f"cannot read the saved config ({why})") from None
+    for key in ("budget", "space"):
+        if key not in given and isinstance((saved or {}).get(key), str):
+            setattr(config, key, saved[key])
+    now = config.to_dict()
+    for key in SAME_ON_RESUME:
+        head, _, tail = key.partition(".")
+        old = (saved or {}).get(head)
+        new = now.get(head)
+        if tail:
+            old, new = (old or {}).get(tail), (new or {}).get(tail)
+        if old != new:
+            raise InputError(
+                f"{config.source}.{key}",
+                f"differs from the run being resumed in {run_dir} (was {old!r}, now {new!r}); use another --out",
+            )
 
 
 def _saved_baseline(run_dir: Path) -> dict[str, float]:
-    data = yaml.safe_load((run_dir / "baseline.yaml").read_text()) or {}
-    return {k: float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")}
+    path = run_dir / "baseline.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return {k: float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__}: {exc}"
+        raise InputError(str(path), f"cannot read the saved baseline ({why})") from None

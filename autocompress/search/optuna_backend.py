@@ -5,6 +5,7 @@ stop training trials early; see ``early_stopping.py`` for what stops them in the
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -20,13 +21,14 @@ STUDY_NAME = "autocompress"
 _STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
 
 
-def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = search.seed if seed is None else seed
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=10)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
     if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=16)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
     if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     raise InputError("search.sampler", f"unknown sampler {search.sampler!r}")
 
 
@@ -60,7 +62,26 @@ def open_study(run: RunContext, storage: str, resume: bool) -> optuna.Study:
     if len(study.directions) != (1 if single else 2):
         was = "single" if len(study.directions) == 1 else "multi"
         raise InputError("search.objective", f"the run being resumed was searched with objective {was!r}")
+    if study.trials:
+        # A fresh sampler with the run's seed would replay the random draws of the first session and repeat its
+        # policies; offsetting the seed by the trials so far keeps a resumed run reproducible without repeats.
+        study.sampler = make_sampler(run.config.search, seed=run.config.search.seed + len(study.trials))
+    _quiet_failed_trial_warnings()
     return study
+
+
+class _NoFailedTrialWarnings(logging.Filter):
+    """Optuna logs each failed trial with a traceback; the reason is already in trials.csv, so keep stderr clean."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Trial ") and " failed with " in message)
+
+
+def _quiet_failed_trial_warnings() -> None:
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoFailedTrialWarnings) for f in logger.filters):
+        logger.addFilter(_NoFailedTrialWarnings())
 
 
 def enqueue_baselines(study: optuna.Study, run: RunContext) -> int:
@@ -77,14 +98,33 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             and not t.user_attrs.get("interrupted")]
 
 
-def fail_interrupted(study: optuna.Study) -> list[dict[str, Any]]:
-    """Trials left RUNNING by a killed process: mark them failed (interrupted) and return their params to requeue."""
-    requeue = []
+def mark_interrupted(study: optuna.Study, why: str = "interrupted (process ended during the trial)") -> None:
+    """Close the trials left RUNNING by a session that ended (killed, or stopped by Ctrl-C between Optuna's steps):
+    failed and marked interrupted, so they are not counted and run again on resume. Only for a study that no other
+    process is running trials of."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (process ended during the trial)")
+        study._storage.set_trial_user_attr(t._trial_id, "error", why)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        requeue.append((dict(t.params), dict(t.user_attrs)))
+
+
+def fail_interrupted(study: optuna.Study) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Trials cut short by an earlier session, to run again: those left RUNNING by a killed process (marked failed
+    and interrupted here) and those stopped by Ctrl-C (already failed and marked interrupted).
+
+    Each is handed out once: the numbers handed out are kept in the study's ``requeued`` attribute.
+    """
+    mark_interrupted(study)
+    done = set(study.user_attrs.get("requeued", []))
+    requeue, numbers = [], []
+    for t in study.get_trials(deepcopy=False):
+        if not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")) or t.number in done:
+            continue
+        # killed while its parameters were being drawn, an enqueued trial still has them all in fixed_params
+        requeue.append(({**t.system_attrs.get("fixed_params", {}), **t.params}, dict(t.user_attrs)))
+        numbers.append(t.number)
+    if numbers:
+        study.set_user_attr("requeued", sorted(done | set(numbers)))
     return requeue
 
 
@@ -111,6 +151,14 @@ def run_optuna(
     pruner = resolve_pruner(run.config.search.objective, run.config.search.pruner)
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        try:
+            return evaluate_trial(trial)
+        except KeyboardInterrupt:  # Ctrl-C: this trial did not finish; --resume runs it again
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("error", "interrupted (Ctrl-C during the trial)")
+            raise
+
+    def evaluate_trial(trial: optuna.Trial) -> float | tuple[float, float]:
         params = {d.name: trial.suggest_categorical(d.name, list(d.choices)) for d in dims}
         report = None if pruner == "none" else trial_report(study, trial, pruner, single, metric)
         record = evaluate_params(run, params, trial.number, report=report)

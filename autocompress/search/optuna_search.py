@@ -8,8 +8,9 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from autocompress.errors import SearchInterrupted
 from autocompress.runner import RunContext
-from autocompress.search.optuna_backend import run_optuna
+from autocompress.search.optuna_backend import STUDY_NAME, mark_interrupted, run_optuna
 
 
 def run(
@@ -39,6 +40,17 @@ def run(
 
     try:
         study = run_optuna(run, storage, resume, on_trial=on_trial)
+    except KeyboardInterrupt as interrupt:  # the storage holds every finished trial; hand them back to be saved
+        import optuna
+
+        bar.close()
+        try:
+            study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+            mark_interrupted(study, "interrupted (Ctrl-C)")  # this process alone runs the study's trials
+            rows = rows_from_study(study)
+        except Exception:  # stopped before the study existed: nothing finished, nothing to save
+            raise interrupt from None
+        raise SearchInterrupted(rows) from None
     finally:
         bar.close()
     return rows_from_study(study)
