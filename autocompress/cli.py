@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "accuracy over trials, the chosen policy layer by layer, the Pareto table and why trials failed. "
                        "Works on a run still in progress (reads study.db). A search writes it when it ends.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `autocompress search`")
+    pr = sub.add_parser("profile", help="profile the per-layer latency table a search's latency model uses",
+                        description="Time every layer variant the installed techniques can produce in the config's "
+                        "search space (format, rank, kept heads/width, ...) on the config's target (threads, batch "
+                        "size, input shape), plus the uncompressed model end to end, and store the lookup table. "
+                        "Entries already in the table are reused: a second run times nothing. The table is keyed by "
+                        "CPU model, torch version, model and target; by default it lives in the user cache "
+                        "($AUTOCOMPRESS_CACHE_DIR or ~/.cache/autocompress), where `autocompress search` finds it.")
+    pr.add_argument("config", help="run config YAML (model, target, space)")
+    pr.add_argument("--out", metavar="FILE", help="table file (default: the config's search.latency_table, else the "
+                    "user cache)")
+    pr.add_argument("--force", action="store_true", help="time everything again, replacing the table")
+    pr.add_argument("--space", help="search space file or builtin name (default: the config's)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     for command in sub.choices.values():  # also accepted after the command: `autocompress search X --block-plugin Y`
         command.add_argument("--block-plugin", dest="block_plugin_after", action="append", default=[],
                              metavar="NAME", help="do not load the plugin NAME (repeatable)")
@@ -94,7 +107,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _apply(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "profile":
+        return _profile(args)
     raise AssertionError(args.command)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from autocompress.latency_model.command import profile_command
+
+    for line in profile_command(args.config, out=_from_cwd(args.out), force=args.force, space=_from_cwd(args.space),
+                                progress=not args.no_progress, block=args.block_plugin):
+        print(line)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

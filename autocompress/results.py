@@ -13,8 +13,8 @@ import pandas as pd
 from autocompress.policy import Policy
 
 RECORD_COLUMNS = [
-    "number", "state", "feasible", "val_accuracy", "latency_ms", "memory_mb", "speedup", "simulated", "baseline",
-    "policy", "skipped", "duration_s", "error", "progress",
+    "number", "state", "feasible", "val_accuracy", "latency_ms", "predicted_latency_ms", "memory_mb", "speedup",
+    "simulated", "baseline", "policy", "skipped", "duration_s", "error", "progress",
 ]
 
 
@@ -102,14 +102,17 @@ def summary_table(result: SearchResult, limit_rows: int = 8) -> str:
     if result.pareto.empty:
         lines.append("no policy met the budget")
         return "\n".join(lines)
-    header = f"{'trial':>5} {'val acc':>8} {'test acc':>8} {'latency ms':>10} {'speedup':>7} {'memory MB':>9}  policy"
+    header = (f"{'trial':>5} {'val acc':>8} {'test acc':>8} {'latency ms':>10} {'predicted':>9} {'speedup':>7} "
+              f"{'memory MB':>9}  policy")
     lines.append(header)
     for _, row in result.pareto.head(limit_rows).iterrows():
         sim = " [simulated formats]" if row.get("simulated") else ""
         test = row.get("test_accuracy")
         test_s = f"{test:8.4f}" if isinstance(test, float) and not math.isnan(test) else f"{'-':>8}"
+        predicted = pd.to_numeric(pd.Series([row.get("predicted_latency_ms")]), errors="coerce").iloc[0]
+        predicted_s = f"{predicted:9.2f}" if pd.notna(predicted) else f"{'-':>9}"  # from the latency model, if used
         lines.append(
-            f"{int(row['number']):>5} {row['val_accuracy']:8.4f} {test_s} {row['latency_ms']:10.2f} "
+            f"{int(row['number']):>5} {row['val_accuracy']:8.4f} {test_s} {row['latency_ms']:10.2f} {predicted_s} "
             f"{row['speedup']:7.2f} {row['memory_mb']:9.3f}  {row['policy']}{sim}"
         )
     return "\n".join(lines)

@@ -54,6 +54,7 @@ class RunContext:
     baseline: Baseline
     cache: dict[str, Any] = field(default_factory=dict)  # shared by all trials of the run (e.g. teacher outputs)
     rebuildable: bool = True  # the model is a named timm architecture, so compressed models can be saved
+    latency_model: Any = None  # a calibrated autocompress.latency_model.LatencyPredictor (latency budgets), or None
 
     @property
     def limit(self) -> float:
@@ -65,6 +66,17 @@ class RunContext:
 
     def policy(self, params: dict[str, Any]) -> Policy:
         return self.space.policy(params, model=self.config.model.name or None)
+
+    def predict_latency(self, policy: Policy) -> float:
+        """The latency model's prediction in ms (NaN without a latency model, or for a setting it lacks)."""
+        if self.latency_model is None:
+            return math.nan
+        from autocompress.latency_model import LatencyModelError
+
+        try:
+            return float(self.latency_model.predict(policy))
+        except LatencyModelError:
+            return math.nan
 
     def measure(self, model: nn.Module) -> float:
         t = self.config.target
@@ -151,7 +163,13 @@ def prepare(
         )
     else:
         base = Baseline(**baseline)
-    return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable)
+    latency_model = None
+    if config.search.latency_model and budget.metric == "latency_ms":
+        from autocompress.latency_model import predictor_for_run
+
+        latency_model = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
+    return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
+                      latency_model=latency_model)
 
 
 def config_budget(config: RunConfig) -> Budget:
@@ -249,8 +267,8 @@ def _evaluate_params(
     started = time.perf_counter()
     record: dict[str, Any] = {
         "number": number, "state": "COMPLETE", "feasible": False, "val_accuracy": math.nan,
-        "latency_ms": math.nan, "memory_mb": math.nan, "simulated": "", "policy": "", "skipped": "", "error": "",
-        "progress": "",
+        "latency_ms": math.nan, "predicted_latency_ms": math.nan, "memory_mb": math.nan, "simulated": "", "policy": "",
+        "skipped": "", "error": "", "progress": "",
     }
     seed = run.config.search.seed + number
     metric, limit = run.budget.metric, run.limit
@@ -259,7 +277,10 @@ def _evaluate_params(
         record["policy"] = policy.summary()
         record["simulated"] = " ".join(simulated_layers(policy, run.techniques))
         stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
-        if metric == "memory_mb" or Stage.RECOVERY in stages:
+        record["predicted_latency_ms"] = predicted = run.predict_latency(policy)
+        if metric == "latency_ms" and predicted > limit * run.config.search.latency_model_margin:
+            record["skipped"] = "predicted latency over budget"  # clearly over: neither compressed nor measured
+        elif metric == "memory_mb" or Stage.RECOVERY in stages:
             with torch.random.fork_rng():
                 skeleton = apply_policy(run.model, policy, run.techniques, ApplyContext(structure_only=True, seed=seed))
             record["memory_mb"] = memory_mb(skeleton)

@@ -173,6 +173,8 @@ def run_optuna(
         if record["state"] == "PRUNED":
             raise optuna.TrialPruned(record["skipped"])
         cost = record[metric]
+        if not math.isfinite(cost) and math.isfinite(record.get("predicted_latency_ms", math.nan)):
+            cost = record["predicted_latency_ms"]  # skipped on its prediction: the sampler still learns how far over
         trial.set_constraint("budget", float(cost - limit) if math.isfinite(cost) else 1e9)
         acc = record["val_accuracy"]
         acc = acc if math.isfinite(acc) else 0.0

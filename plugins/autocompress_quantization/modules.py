@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,11 @@ class DynamicInt8Linear(nn.Module):
 
     def _repack(self) -> None:
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero_points, 0)
+        # torch deprecates its quantized tensor types in favour of torchao, but this is still the int8 CPU kernel
+        # that measured fastest here (bench/quantization_kernels.py); the warning would repeat at every trial.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero_points, 0)
         self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
 
     def dequantized_weight(self) -> torch.Tensor:
