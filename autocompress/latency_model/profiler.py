@@ -1,0 +1,523 @@
+"""Profile a latency table: realise each layer variant the installed techniques can produce and time it on the
+target, on the input that layer really gets.
+
+A shared 2-core machine drifts in load by 2x within seconds, so timings taken at different moments are not
+comparable. Everything that is compared is therefore timed **interleaved**, round by round (A B C A B C ...):
+
+* **Context rounds** time the uncompressed model end to end (``base_ms``) and, with forward hooks in passes of the
+  same rounds, each searched layer *in context* (its identity entry). The residual — patch embedding, norms,
+  attention matmuls, softmax, GELU: whatever no searched layer covers — is ``base_ms`` minus the top-level layers'
+  entries, from the same rounds.
+* **Variant rounds** time each variant's layer alone together with the same layer uncompressed; the entry stores the
+  **ratio** (variant / uncompressed), and the predicted time of a variant is its layer's in-context time times that
+  ratio. Ratios survive load changes and the cache effects of timing a layer on its own.
+
+Realising one variant: the model is copied cheaply along the path to the outermost layer the variant's settings
+change (its *root*: the block ``blocks.3`` when a pruning setting of the block is part of the context of
+``blocks.3.attn.qkv``; the whole model for a global option): that subtree is deep-copied, all else is shared. The
+settings are applied with ``structure_only=True`` exactly as a trial applies them, minus calibration and training:
+kernels and shapes are a trial's, weight values do not change timings. The layer's input under its context is
+captured with forward hooks from one run of the realised context (a pruned MLP feeds ``fc2`` fewer channels; a
+bf16 model feeds every layer bf16). Variants whose module structure and input equal an already-timed one (the same
+format of a same-shaped layer in another block) reuse its ratio: that is what keeps a 12-block model cheap.
+
+A variant that changes its layer's output shape (a block that merges tokens) changes the work of every later layer;
+it is timed end to end instead, interleaved with the uncompressed model, and stored as a delta (a fraction of
+``base_ms``). Global options that change no module class, scalar setting, tensor shape or dtype (recovery
+training) are marked neutral and never timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import statistics
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from autocompress.compose import apply_policy
+from autocompress.costs import num_threads
+from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, settings_key
+from autocompress.latency_model.table import LatencyTable
+from autocompress.policy import Policy
+from autocompress.space import ResolvedSpace
+from autocompress.technique import ApplyContext, Technique
+
+#: each timed sample of a layer repeats the call until it lasts this long, so sub-millisecond layers time well
+MIN_SAMPLE_MS = 2.0
+#: how many variants are realised and timed together (bounds the memory held by realised layers and inputs)
+CHUNK = 32
+
+
+@dataclass
+class ProfileStats:
+    """What one profile run did. ``measured`` counts what was timed now: distinct layer variants, whole-model
+    variants, and the uncompressed model's context rounds (one)."""
+
+    variants: int = 0  # (layer, settings) pairs the space needs
+    from_table: int = 0  # found in the table: not touched
+    measured: int = 0
+    reused: int = 0  # same module structure and input as a variant timed in this run: not timed again
+    end_to_end: int = 0  # timed as whole-model deltas
+    neutral: int = 0  # global option values found to leave the model's structure unchanged
+    failed: int = 0  # the technique could not realise the combination
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{self.variants} variants: {self.from_table} from the table, {self.measured} timed "
+                f"({self.end_to_end} end to end), {self.reused} reused (same module and input), "
+                f"{self.failed} failed; {self.neutral} neutral global option values; {self.seconds:.1f} s")
+
+
+@dataclass(frozen=True)
+class Timing:
+    threads: int
+    warmup: int = 3
+    repeats: int = 10
+    #: wall time by default (latency is what a user waits); tests may pass ``time.process_time`` with one thread so
+    #: other processes on a shared machine do not enter the comparison
+    clock: Callable[[], float] = time.perf_counter
+
+    @property
+    def rounds(self) -> int:
+        return max(self.repeats, 7)
+
+
+def profile(
+    table: LatencyTable,
+    model: nn.Module,
+    example: torch.Tensor,
+    space: ResolvedSpace,
+    techniques: Mapping[str, Technique],
+    timing: Timing,
+    *,
+    max_combinations: int = 256,
+    force: bool = False,
+    progress: bool | None = None,
+) -> tuple[Layout, ProfileStats]:
+    """Fill ``table`` with every entry ``space`` needs that it lacks (all of them with ``force``) and save it.
+
+    Returns the layout the entries are keyed by (global options classified) and what was done.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    stats = ProfileStats()
+    if force:
+        table.entries.clear()
+        table.global_options.clear()
+        table.base_ms = None
+    model.eval()
+    with torch.random.fork_rng(), num_threads(timing.threads), torch.inference_mode():
+        globals_ = list(global_settings(space))
+        _classify_globals(table, model, techniques, globals_)
+        layout = Layout.of(space, table.neutral_options(globals_))
+        stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
+        tasks: list[tuple[str, tuple[Setting, ...]]] = []
+        for name in layout.layers:
+            combos, _ = layout.combinations(name, max_combinations)
+            for settings in combos:
+                stats.variants += 1
+                if table.has(name, settings_key(settings)):
+                    stats.from_table += 1
+                elif settings:  # identity entries come from the context rounds
+                    tasks.append((name, settings))
+        need_context = table.base_ms is None or any(not table.has(name, "") for name in layout.layers)
+        if not (tasks or need_context):
+            table.save()
+            stats.seconds = time.perf_counter() - started
+            return layout, stats
+
+        session = _Session(model, example, layout, techniques, timing)
+        tasks.sort(key=lambda t: (session.context_of(*t), t[0]))  # one context's tasks together: one capture each
+        chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
+        bar = tqdm(total=len(tasks) + timing.rounds * (len(chunks) + int(need_context)), desc="profile",
+                   unit="step", disable=(None if progress is None else not progress), dynamic_ncols=True)
+        session.step = bar.update
+        try:
+            if need_context:
+                session.context_rounds(table)
+                stats.measured += 1
+                table.save()
+            for chunk in chunks:
+                session.variant_chunk(table, chunk, stats)
+                bar.set_postfix(timed=stats.measured, reused=stats.reused)
+                table.save()
+        finally:
+            bar.close()
+            table.save()
+    stats.seconds = time.perf_counter() - started
+    return layout, stats
+
+
+def _classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping[str, Technique],
+                      settings: list[Setting]) -> None:
+    """Mark each global option value structural or neutral (no module, shape or dtype changes: costs nothing)."""
+    todo = [s for s in settings if settings_key([s]) not in table.global_options]
+    if not todo:
+        return
+    base_sig = structure_signature(model)
+    for setting in todo:
+        try:
+            realised = apply_policy(model, Policy.from_params(dict([setting])), techniques,
+                                    ApplyContext(structure_only=True))
+            structural = structure_signature(realised) != base_sig
+            del realised
+        except Exception as exc:  # cannot be realised alone: treat as structural, its variants will say why
+            structural = True
+            table.global_options[settings_key([setting])] = {"structural": True, "how": _failed(exc)}
+            continue
+        table.global_options[settings_key([setting])] = {"structural": structural}
+
+
+# --- a profile session ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    """Something timed in the rounds: a layer alone (``fn`` called ``inner`` times per sample) or a whole model."""
+
+    fn: Callable[[], Any]
+    clock: Callable[[], float] = time.perf_counter
+    inner: int = 1
+    samples: list[float] = field(default_factory=list)
+
+    def sample(self) -> None:
+        start = self.clock()
+        for _ in range(self.inner):
+            self.fn()
+        self.samples.append((self.clock() - start) * 1000.0 / self.inner)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+@dataclass
+class _Variant:
+    name: str
+    key: str
+    how: str
+    sig: str = ""  # the timed unit's signature
+    identity_sig: str = ""
+    whole: nn.Module | None = None  # timed end to end against the uncompressed model
+
+
+@dataclass
+class Captured:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out_shape: Any = None
+
+
+class _Session:
+    """State of one profile run: captured inputs per context, and the ratios timed so far."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, layout: Layout, techniques: Mapping[str, Technique],
+                 timing: Timing) -> None:
+        self.model, self.example, self.layout, self.techniques, self.timing = model, example, layout, techniques, timing
+        self.step: Callable[[int], Any] = lambda n: None
+        names = list(layout.layers)
+        self.base = capture(model, MODEL, names, (example,), {})
+        self.contexts: OrderedDict[tuple[str, str], dict[str, Captured] | str] = OrderedDict()
+        self.units: dict[str, tuple[nn.Module, tuple, dict]] = {}  # signature -> (layer, args, kwargs), this chunk
+        self.ratios: dict[tuple[str, str], float] = {}  # (signature, identity signature) -> ratio, this run
+
+    def context_of(self, name: str, settings: tuple[Setting, ...]) -> tuple[str, str]:
+        """(realisation root, key of the settings of the layers that contain ``name``)."""
+        ctx = tuple(s for s in settings if self.layout.layer_of(s[0]) != name)
+        return (self.layout.realisation_root(name, ctx), settings_key(ctx)) if ctx else ("", "")
+
+    # context: the uncompressed model end to end and each searched layer in it
+
+    def context_rounds(self, table: LatencyTable) -> None:
+        names = [n for n in self.layout.layers if n != MODEL]
+        inside: dict[str, list[float]] = {n: [] for n in names}
+        clock = _LayerClock(self.model, names, self.timing.clock)
+        plain = self._item(lambda: self.model(self.example))
+        for _ in range(max(1, self.timing.warmup)):
+            self.model(self.example)
+        for _ in range(self.timing.rounds):
+            plain.sample()
+            with clock:
+                self.model(self.example)
+            for n in names:
+                inside[n].append(clock.last.get(n, 0.0))
+            self.step(1)
+        table.base_ms = round(plain.median, 6)
+        table.put(MODEL, "", {"ms": table.base_ms, "how": "end to end"})
+        for n in names:
+            called = n in self.base
+            table.put(n, "", {"ms": round(statistics.median(inside[n]), 6), "how": "in context" if called else "not called"})
+
+    # layer variants: realise, deduplicate, time with their uncompressed layer, store ratios
+
+    def variant_chunk(self, table: LatencyTable, chunk: list[tuple[str, tuple[Setting, ...]]], stats: ProfileStats) -> None:
+        self.units = {}
+        variants = []
+        for name, settings in chunk:
+            variants.append(self._realise(name, settings))
+            self.step(1)
+        todo = {s for v in variants if v.sig and (v.sig, v.identity_sig) not in self.ratios for s in (v.sig, v.identity_sig)}
+        items = {sig: self._unit_item(sig) for sig in sorted(todo)}
+        wholes = {id(v.whole): self._item(lambda m=v.whole: m(self.example)) for v in variants if v.whole is not None}
+        base = self._item(lambda: self.model(self.example)) if wholes else None
+        self._rounds([*items.values(), *wholes.values(), *([base] if base else [])])
+        for v in variants:
+            if v.how == "not called":
+                table.put(v.name, v.key, {"ratio": 1.0, "how": v.how})
+            elif v.how.startswith("failed"):
+                table.put(v.name, v.key, {"how": v.how})
+                stats.failed += 1
+            elif v.whole is not None:
+                delta = (wholes[id(v.whole)].median - base.median) / base.median
+                table.put(v.name, v.key, {"delta": round(delta, 6), "how": "end to end"})
+                stats.measured += 1
+                stats.end_to_end += 1
+            else:
+                pair = (v.sig, v.identity_sig)
+                if pair in self.ratios:
+                    stats.reused += 1
+                    how = "reused"
+                else:
+                    self.ratios[pair] = items[v.sig].median / items[v.identity_sig].median
+                    stats.measured += 1
+                    how = "measured"
+                table.put(v.name, v.key, {"ratio": round(self.ratios[pair], 6), "how": how, "sig": v.sig})
+        self.units = {}
+
+    def _rounds(self, items: list[_Item]) -> None:
+        if not items:
+            self.step(self.timing.rounds)
+            return
+        for item in items:  # warm up, and size each sample to MIN_SAMPLE_MS
+            for _ in range(max(1, self.timing.warmup)):
+                item.fn()
+            start = self.timing.clock()
+            item.fn()
+            once = (self.timing.clock() - start) * 1000.0
+            item.inner = max(1, min(1000, math.ceil(MIN_SAMPLE_MS / max(once, 1e-4))))
+        for r in range(self.timing.rounds):
+            shift = r % len(items)  # rotate the order so no item always follows the same one
+            for item in items[shift:] + items[:shift]:
+                item.sample()
+            self.step(1)
+
+    def _realise(self, name: str, settings: tuple[Setting, ...]) -> _Variant:
+        key = settings_key(settings)
+        identity_sig = self._identity(name)
+        root, ctx_key = self.context_of(name, settings)
+        root = root if ctx_key else name
+        inputs = self._context(root, ctx_key, settings, name)
+        if isinstance(inputs, str):
+            return _Variant(name, key, how=inputs)
+        io = inputs.get(name)
+        if io is None:
+            return _Variant(name, key, how="not called")
+        try:
+            realised = apply_policy(path_copy(self.model, root), Policy.from_params(dict(settings)), self.techniques,
+                                    ApplyContext(structure_only=True), inplace=True)
+        except Exception as exc:
+            return _Variant(name, key, how=_failed(exc))
+        try:
+            unit = realised.get_submodule(name)
+            separable = bool(identity_sig) and _shapes(unit(*io.args, **io.kwargs)) == io.out_shape
+        except Exception:
+            separable = False
+        if not separable:  # its output changes what later layers get, or it cannot run alone
+            return _Variant(name, key, how="end to end", whole=realised)
+        sig = unit_signature(unit, io.args, io.kwargs)
+        self.units.setdefault(sig, (unit, io.args, io.kwargs))
+        return _Variant(name, key, how="measured", sig=sig, identity_sig=identity_sig)
+
+    def _identity(self, name: str) -> str:
+        """Signature of the uncompressed layer, kept for timing the ratios ('' if it cannot run on its own)."""
+        io = self.base.get(name)
+        if io is None:
+            return ""
+        unit = self.model.get_submodule(name)
+        sig = unit_signature(unit, io.args, io.kwargs)
+        self.units.setdefault(sig, (unit, io.args, io.kwargs))
+        return sig
+
+    def _context(self, root: str, ctx_key: str, settings: tuple[Setting, ...], name: str) -> dict[str, Captured] | str:
+        """Inputs of the layers under ``root`` when the context settings are applied (cached, two contexts)."""
+        if not ctx_key:
+            return self.base
+        cached = self.contexts.get((root, ctx_key))
+        if cached is None:
+            ctx = {p: v for p, v in settings if self.layout.layer_of(p) != name}
+            root_io = self.base.get(root)
+            if root_io is None:
+                cached = "not called"
+            else:
+                try:
+                    realised = apply_policy(path_copy(self.model, root), Policy.from_params(ctx), self.techniques,
+                                            ApplyContext(structure_only=True), inplace=True)
+                    names = [root, *self.layout.descendants(root)]
+                    cached = capture(realised, root, names, root_io.args, root_io.kwargs)
+                except Exception as exc:
+                    cached = _failed(exc)
+            self.contexts[(root, ctx_key)] = cached
+            while len(self.contexts) > 2:
+                self.contexts.popitem(last=False)
+        return cached
+
+    def _unit_item(self, sig: str) -> _Item:
+        unit, args, kwargs = self.units[sig]
+        return self._item(lambda: unit(*args, **kwargs))
+
+    def _item(self, fn: Callable[[], Any]) -> _Item:
+        return _Item(fn, self.timing.clock)
+
+
+class _LayerClock:
+    """Forward hooks that time named layers inside a forward pass (``last``: ms per layer in the latest pass)."""
+
+    def __init__(self, model: nn.Module, names: list[str], clock: Callable[[], float] = time.perf_counter) -> None:
+        self.model, self.names, self.clock = model, names, clock
+        self.last: dict[str, float] = {}
+        self._start: dict[str, float] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_LayerClock":
+        self.last = {}
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._begin(n)))
+            self._handles.append(module.register_forward_hook(lambda m, a, o, n=name: self._end(n)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _begin(self, name: str) -> None:
+        self._start[name] = self.clock()
+
+    def _end(self, name: str) -> None:
+        self.last[name] = self.last.get(name, 0.0) + (self.clock() - self._start[name]) * 1000.0
+
+
+# --- pieces -----------------------------------------------------------------------------------------------------
+
+
+def capture(model: nn.Module, root: str, names: list[str], args: tuple, kwargs: dict) -> dict[str, Captured]:
+    """Run ``model``'s submodule ``root`` on ``(args, kwargs)``; the input and output shape of each of ``names``
+    (submodules of ``model``, first call each) in that run. Names the run never calls are left out."""
+    found: dict[str, Captured] = {}
+    handles = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+
+        def pre(mod, a, kw, name=name):
+            if name not in found:
+                found[name] = Captured(_clone(a), _clone(kw))
+
+        def post(mod, a, output, name=name):
+            if name in found and found[name].out_shape is None:
+                found[name].out_shape = _shapes(output)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
+    try:
+        with torch.inference_mode():
+            model.get_submodule(root)(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def path_copy(model: nn.Module, subtree: str) -> nn.Module:
+    """A copy of ``model`` whose subtree ``subtree`` is deep-copied and whose modules on the path to it are
+    shallow-copied; everything else (modules and tensors) is shared. Applying a setting to that subtree leaves
+    ``model`` untouched, for a fraction of the cost of copying the whole model."""
+    if not subtree:
+        return copy.deepcopy(model)
+    root = _shallow(model)
+    parent = root
+    parts = subtree.split(".")
+    for i, part in enumerate(parts):
+        child = parent._modules[part]
+        new = copy.deepcopy(child) if i == len(parts) - 1 else _shallow(child)
+        parent._modules[part] = new
+        parent = new
+    return root
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return new
+
+
+def structure_signature(module: nn.Module) -> str:
+    """A digest of what decides a module's speed: module classes, scalar settings, hooks, tensor shapes, dtypes and
+    layouts. Weight values are left out, so the same format of a same-shaped layer in two blocks has one signature.
+    """
+    parts = []
+    for name, m in module.named_modules():
+        attrs = sorted((k, v) for k, v in vars(m).items()
+                       if not k.startswith("_") and k != "training" and _is_scalar(v))
+        tensors = [(n, tuple(t.shape), str(t.dtype), str(t.layout))
+                   for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None]
+        hooks = [getattr(h, "__qualname__", type(h).__name__)
+                 for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]]
+        parts.append((name, f"{type(m).__module__}.{type(m).__qualname__}", attrs, tensors, hooks))
+    return _digest(repr(parts))
+
+
+def unit_signature(unit: nn.Module, args: tuple, kwargs: dict) -> str:
+    return _digest(structure_signature(unit) + "|" + repr(_shapes(args)) + "|" + repr(_shapes(kwargs)))
+
+
+def _failed(exc: BaseException) -> str:
+    return f"failed: {type(exc).__name__}: {exc}"[:200]
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return True
+    return isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _shapes(value: Any) -> Any:
+    if _is_scalar(value):
+        return value
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), str(value.dtype))
+    if isinstance(value, (tuple, list)):
+        return tuple(_shapes(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _shapes(v)) for k, v in value.items()))
+    return type(value).__name__

@@ -1,0 +1,317 @@
+"""The latency model: a per-layer table profiled on this machine, reused across runs, and a predictor that a
+search uses to skip candidates clearly over a latency budget (and that is accurate enough to trust for that)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import autocompress
+from autocompress.compose import apply_policy
+from autocompress.config import config_from_dict
+from autocompress.costs import compare_latency
+from autocompress.errors import InputError
+from autocompress.hookspecs import hookimpl
+from autocompress.latency_model import LatencyTable, Timing, build_predictor, profiler
+from autocompress.pluginmanager import load_plugins
+from autocompress.space import SearchSpace
+from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
+from conftest import FASHION_MNIST, TINY_VIT, make_tiny_vit
+
+BLOCK_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))"
+
+
+class MlpWidth(Technique):
+    """A minimal structural technique for these tests: keep a fraction of each block's MLP hidden units, physically
+    (smaller fc1 and fc2). It makes ``blocks.N`` a searched layer that contains the searched ``blocks.N.mlp.fc1``."""
+
+    name = "mlpwidth"
+    stage = Stage.STRUCTURE
+    layer_knobs = {"keep": 1.0}
+
+    def candidate_layers(self, model: nn.Module) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(model.blocks))]
+
+    def apply(self, model: nn.Module, settings: TechniqueSettings, ctx: ApplyContext) -> nn.Module:
+        for layer, knobs in settings.layers.items():
+            mlp = model.get_submodule(layer).mlp
+            keep = max(1, round(mlp.fc1.out_features * knobs.get("keep", 1.0)))
+            fc1, fc2 = nn.Linear(mlp.fc1.in_features, keep), nn.Linear(keep, mlp.fc2.out_features)
+            with torch.no_grad():
+                fc1.weight.copy_(mlp.fc1.weight[:keep]), fc1.bias.copy_(mlp.fc1.bias[:keep])
+                fc2.weight.copy_(mlp.fc2.weight[:, :keep]), fc2.bias.copy_(mlp.fc2.bias)
+            mlp.fc1, mlp.fc2 = fc1, fc2
+        return model
+
+
+class _MlpWidthPlugin:
+    __name__ = "mlpwidth-test-plugin"
+
+    @hookimpl
+    def autocompress_register_techniques(self, register):
+        register(MlpWidth())
+
+
+@pytest.fixture(scope="module")
+def all_plugins():
+    return load_plugins(extra=[_MlpWidthPlugin()])
+
+
+def _space(plugins, model, with_width: bool = False, head: tuple = ("fp32", "bf16")):
+    techniques = {"quantization": {"layers": [{"match": BLOCK_LINEARS, "format": ["fp32", "bf16", "int8_dynamic"]},
+                                              {"match": "head", "format": list(head)}]}}
+    if "lowrank" in plugins.techniques:
+        techniques["lowrank"] = {"layers": [{"match": "re:blocks\\.\\d+\\.mlp\\.(fc1|fc2)", "rank": [1.0, 0.25]}]}
+    if with_width:
+        techniques["mlpwidth"] = {"layers": [{"match": "re:blocks\\.\\d+", "keep": [1.0, 0.5]}]}
+    return SearchSpace.from_dict({"techniques": techniques}).resolve(model, plugins.techniques)
+
+
+def _count_timings(monkeypatch) -> list[int]:
+    """Count every timed sample the profiler takes."""
+    calls = [0]
+    original = profiler._Item.sample
+
+    def counting(self):
+        calls[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(profiler._Item, "sample", counting)
+    return calls
+
+
+def test_a_second_profile_reuses_every_entry_and_times_nothing(tmp_path, monkeypatch, plugins):
+    model = make_tiny_vit()
+    example = torch.randn(32, 1, 28, 28)
+    space = SearchSpace.from_dict({"techniques": {"quantization": {"layers": [
+        {"match": "re:blocks\\.\\d+\\.(attn\\.qkv|mlp\\.fc1)", "format": ["fp32", "bf16", "int8_dynamic"]}]}}}
+    ).resolve(model, plugins.techniques)
+    path = tmp_path / "table.json"
+    timed = _count_timings(monkeypatch)
+    kwargs = dict(model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT, threads=2, warmup=1, repeats=3,
+                  path=path, progress=False)
+
+    first, stats = build_predictor(model, example, space, plugins, **kwargs)
+    # 4 layers x 2 formats = 8 variants; both blocks have the same shapes, so 4 are timed and 4 reuse them;
+    # plus the uncompressed model's context rounds
+    assert (stats.measured, stats.reused, stats.from_table) == (5, 4, 0)
+    assert timed[0] > 0
+    saved = path.read_text()
+
+    timed[0] = 0
+    second, stats = build_predictor(model, example, space, plugins, **kwargs)
+    assert timed[0] == 0 and stats.measured == 0 and stats.reused == 0
+    assert stats.from_table == stats.variants == 4 * 3 + 1
+    assert path.read_text() == saved
+    policy = space.policy({d.name: "bf16" for d in space.dimensions})
+    assert second.predict(policy) == first.predict(policy)
+
+    # the space grows by one choice: only the new variants are timed
+    wider = SearchSpace.from_dict({"techniques": {"quantization": {"layers": [
+        {"match": "re:blocks\\.\\d+\\.(attn\\.qkv|mlp\\.fc1)", "format": ["fp32", "bf16", "int8_dynamic"]},
+        {"match": "head", "format": ["fp32", "bf16"]}]}}}).resolve(model, plugins.techniques)
+    _, stats = build_predictor(model, example, wider, plugins, **kwargs)
+    # the head is a new top-level layer: the context rounds run again (the uncompressed times and the residual come
+    # from the same rounds) and the head's bf16 variant is timed; the block variants' ratios are kept
+    assert (stats.measured, stats.from_table, stats.variants) == (2, 13, 15)
+
+    # another target (batch size) is another table: nothing is taken from this one
+    other = LatencyTable.open(LatencyTable.load(path).key | {"target": {"batch_size": 64}}, path=tmp_path / "x.json")
+    assert other.count() == 0
+    with pytest.raises(InputError, match="another target"):
+        build_predictor(model, torch.randn(64, 1, 28, 28), space, plugins, **kwargs)
+
+
+def _flops(model: nn.Module, example: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(example)
+    return float(counter.get_total_flops())
+
+
+def _cpu_ms(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 15) -> dict[str, float]:
+    """Median CPU milliseconds per forward, interleaved (one thread: CPU time is the latency of an idle machine,
+    and other processes on a shared one do not count)."""
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(example), m(example)
+        for _ in range(repeats):
+            for k, m in models.items():
+                start = time.process_time()
+                m(example)
+                samples[k].append((time.process_time() - start) * 1000.0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _uniform(space, **knobs) -> dict:
+    params = space.identities
+    for d in space.dimensions:
+        if d.knob in knobs and knobs[d.knob] in d.choices:
+            params[d.name] = knobs[d.knob]
+    return params
+
+
+def test_prediction_error_is_small_where_flops_or_a_missing_residual_are_far_off(all_plugins, tmp_path):
+    """Predicted vs measured latency of policies mixing formats, ranks and structural width. A FLOPs-proportional
+    predictor (blind to numeric formats and to what a FLOP costs on this CPU), one that forgets the residual (norms,
+    attention matmuls, softmax, GELU) and one that ignores the policy fail the same bar.
+
+    Profile and check are timed in CPU time on one thread, so the load other processes put on a shared machine does
+    not decide the outcome; the kernels are the real ones."""
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = make_tiny_vit(patch_size=4, embed_dim=96, num_heads=3, depth=2)  # 50 tokens: a real residual
+        example = torch.randn(64, 1, 28, 28)
+        timing = Timing(threads=1, warmup=2, repeats=11, clock=time.process_time)
+        flat = _space(all_plugins, model)  # the searched layers are the Linears: the residual is everything else
+        nested = _space(all_plugins, model, with_width=True)  # blocks.N (width) contains its searched Linears
+        predictors = {}
+        for label, space in (("flat", flat), ("nested", nested)):
+            predictors[label], _ = build_predictor(model, example, space, all_plugins, model_name=label,
+                                                   model_kwargs={}, threads=1, path=tmp_path / f"{label}.json",
+                                                   progress=False, timing=timing)
+        cases = {  # name: (space, params)
+            "uncompressed": ("flat", flat.identities),
+            "bf16": ("flat", _uniform(flat, format="bf16")),
+            "int8": ("flat", _uniform(flat, format="int8_dynamic")),
+            "rank 0.25": ("flat", _uniform(flat, rank=0.25)),
+            "rank 0.25 + bf16": ("flat", _uniform(flat, rank=0.25, format="bf16")),
+            "bf16 attention, int8 MLP": ("flat", {**flat.identities, **{
+                d.name: "bf16" if ".attn." in d.name else "int8_dynamic" for d in flat.dimensions if d.knob == "format"
+                and d.layer != "head"}}),
+            "int8 attention, bf16 MLP": ("flat", {**flat.identities, **{
+                d.name: "int8_dynamic" if ".attn." in d.name else "bf16" for d in flat.dimensions if d.knob == "format"
+                and d.layer != "head"}}),
+            "mixed": ("flat", {**flat.identities, **{d.name: d.choices[-1] for d in flat.dimensions[::2]}}),
+            "mixed 2": ("flat", {**flat.identities, **{d.name: d.choices[1] for d in flat.dimensions[1::2]}}),
+            "width 0.5": ("nested", _uniform(nested, keep=0.5)),
+            "width 0.5 + bf16": ("nested", _uniform(nested, keep=0.5, format="bf16")),
+            "width 0.5 + int8": ("nested", _uniform(nested, keep=0.5, format="int8_dynamic")),
+        }
+        spaces = {"flat": flat, "nested": nested}
+        models = {k: apply_policy(model, spaces[s].policy(p), all_plugins.techniques, ApplyContext(structure_only=True))
+                  for k, (s, p) in cases.items()}
+        measured = _cpu_ms(models, example)
+    finally:
+        torch.set_num_threads(2)
+    base = measured["uncompressed"]
+    calibrated = {label: p.calibrated(base) for label, p in predictors.items()}
+    # FLOPs of each policy's structure (a numeric format changes no FLOP count)
+    flops = {k: _flops(apply_policy(model, spaces[s].policy({n: v for n, v in p.items() if "quantization." not in n}),
+                                    all_plugins.techniques, ApplyContext(structure_only=True)), example)
+             for k, (s, p) in cases.items()}
+    predictions = {
+        "table + residual": {k: calibrated[s].predict(p) for k, (s, p) in cases.items()},
+        "FLOPs-proportional": {k: base * flops[k] / flops["uncompressed"] for k in cases},
+        "table, no residual": {k: calibrated[s].predict(p) - calibrated[s].breakdown(p)["residual"]
+                               for k, (s, p) in cases.items()},
+        "ignores the policy": {k: base for k in cases},
+    }
+    compressed = [k for k in cases if k != "uncompressed"]
+    errors = {name: statistics.median(abs(pred[k] - measured[k]) / measured[k] for k in compressed)
+              for name, pred in predictions.items()}
+    detail = {k: (round(measured[k], 2), *(round(p[k], 2) for p in predictions.values())) for k in cases}
+    print("median absolute error:", errors, "\nmeasured, predicted (ms):", detail)
+    tolerance = 0.15  # seen: table 0.05-0.07; FLOPs 0.24-0.26, no residual 0.49-0.60, policy-blind 0.43-0.49
+    assert errors["table + residual"] <= tolerance, (errors, detail)
+    for broken in ("FLOPs-proportional", "table, no residual", "ignores the policy"):
+        assert errors[broken] > tolerance, (broken, errors, detail)
+    # nested layers are not counted twice: each block's entry minus its searched Linears plus their entries
+    policy = cases["width 0.5 + bf16"][1]
+    breakdown = calibrated["nested"].breakdown(policy)
+    assert set(breakdown) == {"residual", "blocks.0", "blocks.1", "head"}
+    assert math.isclose(sum(breakdown.values()), calibrated["nested"].predict(policy))
+    assert math.isclose(calibrated["nested"].predict(nested.identities), base)
+
+
+def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp_path, monkeypatch, plugins, fmnist):
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    kwargs = {**TINY_VIT, "embed_dim": 96, "num_heads": 3}  # wide enough that formats change its latency
+    model = make_tiny_vit(embed_dim=96, num_heads=3)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), checkpoint)  # accuracy does not matter here; weights do not change timings
+    space_dict = {"techniques": {"quantization": {"layers": [
+        {"match": BLOCK_LINEARS, "format": ["fp32", "bf16", "int8_dynamic"]}]}}}
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space_dict))
+    # profile first (into the cache the search will read), to put the budget between the uniform policies'
+    # predictions: the uncompressed model is predicted over it, the fastest uniform policy under it
+    space = SearchSpace.from_dict(space_dict).resolve(model, plugins.techniques)
+    predictor, _ = build_predictor(model, torch.randn(64, 1, 28, 28), space, plugins,
+                                   model_name="vit_tiny_patch16_224", model_kwargs=kwargs, threads=2,
+                                   warmup=1, repeats=5, progress=False)
+    fastest = min(predictor.predict(p) for p in space.uniform_baselines().values()) / predictor.base_ms
+    assert fastest < 0.99, "no format is predicted faster than fp32: nothing to test"
+    budget = (1 + fastest) / 2
+    config = config_from_dict({
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": kwargs, "checkpoint": str(checkpoint)},
+        "data": {"kind": "fashion_mnist", "path": str(FASHION_MNIST), "val_size": 500, "train_subset": 500},
+        "target": {"threads": 2, "batch_size": 64, "warmup": 1, "repeats": 5},
+        # margin 1.0: every candidate predicted over the budget is skipped, the uncompressed one first
+        "budget": f"latency={budget:.4f}x", "space": str(space_file), "out": str(tmp_path / "run"),
+        "search": {"trials": 4, "sampler": "random", "seed": 0, "latency_model": True, "latency_model_margin": 1.0},
+    })
+    logged: list[str] = []
+    result = autocompress.search(config, data=fmnist, progress=False, log=logged.append)
+    assert not any("latency table" in line for line in logged), "the search re-timed what was profiled"
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert len(trials) == 4 and "predicted_latency_ms" in trials
+    limit = result.limit
+    skipped = trials[trials["skipped"] == "predicted latency over budget"]
+    uncompressed = trials[trials["baseline"] == "uncompressed"].iloc[0]
+    assert uncompressed["skipped"] == "predicted latency over budget"
+    assert math.isclose(uncompressed["predicted_latency_ms"], result.baseline["latency_ms"], rel_tol=1e-6)
+    # skipped: predicted over the limit, never compressed, measured or evaluated
+    assert (skipped["predicted_latency_ms"] > limit).all()
+    assert skipped["latency_ms"].isna().all() and skipped["val_accuracy"].isna().all()
+    assert not skipped["feasible"].any()
+    # every other candidate is measured end to end and shows both numbers
+    rest = trials[(trials["skipped"] != "predicted latency over budget") & (trials["state"] == "COMPLETE")]
+    assert len(rest) >= 1
+    assert rest["latency_ms"].notna().all() and rest["predicted_latency_ms"].notna().all()
+    # the Pareto front holds only measured policies within the budget
+    pareto = pd.read_csv(tmp_path / "run" / "pareto.csv")
+    if len(pareto):
+        assert pareto["latency_ms"].notna().all() and (pareto["latency_ms"] <= limit).all()
+        assert pareto["skipped"].isna().all()
+    # the search used the table in the cache
+    assert len(list((tmp_path / "cache" / "latency_tables").glob("*.json"))) == 1
+
+
+def test_a_margin_below_one_is_refused_naming_the_field(tmp_path):
+    with pytest.raises(InputError, match="search.latency_model_margin"):
+        autocompress.search({"model": {"name": "vit_tiny_patch16_224"}, "search": {"latency_model_margin": 0.8}},
+                            out=tmp_path / "r")
+
+
+def test_profile_command_reuses_the_table(tmp_path, capsys):
+    from autocompress.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": dict(TINY_VIT), "checkpoint": "missing.pt"},
+        "data": {"kind": "fashion_mnist", "path": str(FASHION_MNIST), "val_size": 500},
+        "target": {"threads": 2, "batch_size": 32, "warmup": 1, "repeats": 3},
+        "space": str(tmp_path / "space.yaml"),
+    }))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"techniques": {"quantization": {"layers": [
+        {"match": "head", "format": ["fp32", "bf16"]}]}}}))
+    out = tmp_path / "table.json"
+    assert main(["profile", str(config), "--out", str(out), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert "random weights" in first and "2 timed" in first and out.is_file()
+    assert main(["profile", str(config), "--out", str(out), "--no-progress"]) == 0
+    assert "0 timed" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text("{}")
+    assert main(["profile", str(config), "--out", str(tmp_path / "other.json"), "--no-progress"]) == 2
+    assert "not a latency table" in capsys.readouterr().err
