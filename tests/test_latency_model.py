@@ -152,6 +152,12 @@ def _cpu_ms(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def nested_modes(space, name: str, limit: int) -> str:
+    from autocompress.latency_model import Layout
+
+    return Layout.of(space).combinations(name, limit)[1]
+
+
 def _uniform(space, **knobs) -> dict:
     params = space.identities
     for d in space.dimensions:
@@ -176,10 +182,13 @@ def test_prediction_error_is_small_where_flops_or_a_missing_residual_are_far_off
         flat = _space(all_plugins, model)  # the searched layers are the Linears: the residual is everything else
         nested = _space(all_plugins, model, with_width=True)  # blocks.N (width) contains its searched Linears
         predictors = {}
-        for label, space in (("flat", flat), ("nested", nested)):
+        # "factorized": too many combinations allowed for exhaustive profiling (6): each Linear's own settings are
+        # profiled with each setting of its block alone, and the predictor combines them
+        for label, space, limit in (("flat", flat, 64), ("nested", nested, 64), ("factorized", nested, 6)):
             predictors[label], _ = build_predictor(model, example, space, all_plugins, model_name=label,
                                                    model_kwargs={}, threads=1, path=tmp_path / f"{label}.json",
-                                                   progress=False, timing=timing)
+                                                   progress=False, timing=timing, max_combinations=limit)
+        assert "own x context" in {nested_modes(nested, name, 6) for name in ("blocks.0.mlp.fc1", "blocks.1.mlp.fc2")}
         cases = {  # name: (space, params)
             "uncompressed": ("flat", flat.identities),
             "bf16": ("flat", _uniform(flat, format="bf16")),
@@ -220,10 +229,14 @@ def test_prediction_error_is_small_where_flops_or_a_missing_residual_are_far_off
     compressed = [k for k in cases if k != "uncompressed"]
     errors = {name: statistics.median(abs(pred[k] - measured[k]) / measured[k] for k in compressed)
               for name, pred in predictions.items()}
+    width = [k for k, (s, _) in cases.items() if s == "nested"]
+    errors["factorized (width cases)"] = statistics.median(
+        abs(calibrated["factorized"].predict(cases[k][1]) - measured[k]) / measured[k] for k in width)
     detail = {k: (round(measured[k], 2), *(round(p[k], 2) for p in predictions.values())) for k in cases}
     print("median absolute error:", errors, "\nmeasured, predicted (ms):", detail)
     tolerance = 0.15  # seen: table 0.05-0.07; FLOPs 0.24-0.26, no residual 0.49-0.60, policy-blind 0.43-0.49
     assert errors["table + residual"] <= tolerance, (errors, detail)
+    assert errors["factorized (width cases)"] <= tolerance, (errors, detail)
     for broken in ("FLOPs-proportional", "table, no residual", "ignores the policy"):
         assert errors[broken] > tolerance, (broken, errors, detail)
     # nested layers are not counted twice: each block's entry minus its searched Linears plus their entries

@@ -31,8 +31,9 @@ __all__ = [
     "technique_versions",
 ]
 
-#: above this many combinations of one layer's (and its context's) knob values, each value is profiled alone
-MAX_COMBINATIONS = 256
+#: above this many combinations of a layer's and its context's knob values, the context is profiled one setting
+#: at a time (see Layout.combinations)
+MAX_COMBINATIONS = 64
 
 
 def technique_versions(plugins: Any) -> dict[str, str]:

@@ -110,23 +110,26 @@ class Layout:
                 return spec.name
         raise KeyError(param)
 
-    def combinations(self, name: str, limit: int) -> tuple[list[tuple[Setting, ...]], bool]:
-        """The settings to profile for ``name``: every combination of its own and its context's knob values when
-        there are at most ``limit``, else each non-identity value alone (the predictor then applies the measured
-        ratios one after another). Returns ``(settings, exhaustive)``, the identity first."""
-        knobs = self.context_knobs(name) + list(self.layers[name].knobs)
-        total = 1
-        for k in knobs:
-            total *= len(k.choices)
-        if total <= limit:
-            combos = [
-                tuple((k.param, v) for k, v in zip(knobs, values) if v != k.identity)
-                for values in itertools.product(*(k.choices for k in knobs))
-            ]
-            combos.sort(key=len)
-            return combos, True
-        single = [((k.param, v),) for k in knobs for v in k.choices if v != k.identity]
-        return [(), *single], False
+    def combinations(self, name: str, limit: int) -> tuple[list[tuple[Setting, ...]], str]:
+        """The settings to profile for ``name``, the identity first, and how they were chosen:
+
+        * ``"all"``: every combination of its own and its context's knob values, when there are at most ``limit``;
+        * ``"own x context"``: every combination of its own knob values, each alone and with each single context
+          value (the predictor multiplies the context's measured effects on the layer as it is set), when its own
+          combinations are at most ``limit``;
+        * ``"each alone"``: each non-identity value alone (the predictor multiplies their ratios).
+        """
+        context = self.context_knobs(name)
+        own = list(self.layers[name].knobs)
+        if _product(context + own) <= limit:
+            return _all_combinations(context + own), "all"
+        if _product(own) <= limit:
+            own_combos = _all_combinations(own)
+            singles = [(k.param, v) for k in context for v in k.choices if v != k.identity]
+            combos = [*own_combos, *((single, *combo) for single in singles for combo in own_combos)]
+            return sorted(combos, key=len), "own x context"
+        single = [((k.param, v),) for k in context + own for v in k.choices if v != k.identity]
+        return [(), *single], "each alone"
 
     def settings_of(self, params: Mapping[str, Any]) -> dict[str, list[Setting]]:
         """Non-identity settings of a trial's parameters, grouped by layer; neutral global options are dropped."""
@@ -141,6 +144,28 @@ class Layout:
             if value != knob.identity:
                 out.setdefault(knob.layer, []).append((param, value))
         return out
+
+
+def _product(knobs: list[Knob]) -> int:
+    n = 1
+    for k in knobs:
+        n *= len(k.choices)
+    return n
+
+
+def _all_combinations(knobs: list[Knob]) -> list[tuple[Setting, ...]]:
+    combos = [tuple((k.param, v) for k, v in zip(knobs, values) if v != k.identity)
+              for values in itertools.product(*(k.choices for k in knobs))]
+    return sorted(combos, key=len)
+
+
+def rename_layer(param_or_layer: str, old_root: str, new_root: str) -> str:
+    """``blocks.3.attn.qkv:quantization.format`` with ``blocks.3`` -> ``blocks.0``: the same knob in a congruent
+    block. Global options (no layer) are left as they are."""
+    layer, sep, rest = param_or_layer.rpartition(":") if ":" in param_or_layer else (param_or_layer, "", "")
+    if layer == old_root or layer.startswith(old_root + "."):
+        layer = new_root + layer[len(old_root):]
+    return f"{layer}{sep}{rest}"
 
 
 def settings_key(settings: Iterable[Setting]) -> str:

@@ -88,9 +88,10 @@ class LatencyPredictor:
         return total
 
     def _lookup(self, name: str, settings: tuple[Setting, ...]) -> float:
-        """The time of ``name`` under ``settings``: its in-context time, times the measured ratio (or plus the
-        measured whole-model delta). Where the combination was not profiled (a layer with too many combinations),
-        each setting's own ratio or delta is applied in turn."""
+        """The time of ``name`` under ``settings``: its in-context time times the measured ratio (or plus the
+        measured whole-model delta). Where the exact combination was not profiled (see ``Layout.combinations``):
+        the layer as set, times each context setting's measured effect on the layer as set; failing that, each
+        setting's own ratio in turn."""
         identity = self.table.entry(name, "")
         if identity is None or "ms" not in identity:
             raise LatencyModelError(f"{name} is not in the latency table (profile again)")
@@ -100,6 +101,17 @@ class LatencyPredictor:
         exact = self.table.entry(name, settings_key(settings))
         if exact is not None:
             return self._apply(value, exact, name, settings)
+        own = tuple(s for s in settings if self.layout.layer_of(s[0]) == name)
+        context = [s for s in settings if s not in own]
+        with_own = [self.table.entry(name, settings_key((c, *own))) for c in context]
+        own_entry = self.table.entry(name, settings_key(own)) if own else {"ratio": 1.0}
+        if own_entry is not None and all(e is not None for e in with_own):
+            as_set = self._apply(value, own_entry, name, own)
+            result = as_set
+            for c, entry in zip(context, with_own):
+                with_c = self._apply(value, entry, name, (c, *own))
+                result = result * with_c / as_set if as_set > 0 else result + with_c - as_set
+            return result
         for setting in settings:
             single = self.table.entry(name, settings_key([setting]))
             if single is None:

@@ -5,9 +5,9 @@ A shared 2-core machine drifts in load by 2x within seconds, so timings taken at
 comparable. Everything that is compared is therefore timed **interleaved**, round by round (A B C A B C ...):
 
 * **Context rounds** time the uncompressed model end to end (``base_ms``) and, with forward hooks in passes of the
-  same rounds, each searched layer *in context* (its identity entry). The residual — patch embedding, norms,
-  attention matmuls, softmax, GELU: whatever no searched layer covers — is ``base_ms`` minus the top-level layers'
-  entries, from the same rounds.
+  same rounds, each searched layer *in context*: its identity entry is its share of a whole pass times ``base_ms``.
+  The residual — patch embedding, norms, attention matmuls, softmax, GELU: whatever no searched layer covers — is
+  ``base_ms`` minus the top-level layers' entries, from the same passes.
 * **Variant rounds** time each variant's layer alone together with the same layer uncompressed; the entry stores the
   **ratio** (variant / uncompressed), and the predicted time of a variant is its layer's in-context time times that
   ratio. Ratios survive load changes and the cache effects of timing a layer on its own.
@@ -43,7 +43,7 @@ from torch import nn
 
 from autocompress.compose import apply_policy
 from autocompress.costs import num_threads
-from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, settings_key
+from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, rename_layer, settings_key
 from autocompress.latency_model.table import LatencyTable
 from autocompress.policy import Policy
 from autocompress.space import ResolvedSpace
@@ -67,11 +67,13 @@ class ProfileStats:
     end_to_end: int = 0  # timed as whole-model deltas
     neutral: int = 0  # global option values found to leave the model's structure unchanged
     failed: int = 0  # the technique could not realise the combination
+    mirrored: int = 0  # of the reused: taken from the same variant of a congruent block (same shapes, same knobs)
     seconds: float = 0.0
 
     def summary(self) -> str:
         return (f"{self.variants} variants: {self.from_table} from the table, {self.measured} timed "
-                f"({self.end_to_end} end to end), {self.reused} reused (same module and input), "
+                f"({self.end_to_end} end to end), {self.reused} reused (same module and input; {self.mirrored} "
+                f"from a congruent block), "
                 f"{self.failed} failed; {self.neutral} neutral global option values; {self.seconds:.1f} s")
 
 
@@ -97,7 +99,7 @@ def profile(
     techniques: Mapping[str, Technique],
     timing: Timing,
     *,
-    max_combinations: int = 256,
+    max_combinations: int = 64,
     force: bool = False,
     progress: bool | None = None,
 ) -> tuple[Layout, ProfileStats]:
@@ -135,10 +137,12 @@ def profile(
             return layout, stats
 
         session = _Session(model, example, layout, techniques, timing)
-        tasks.sort(key=lambda t: (session.context_of(*t), t[0]))  # one context's tasks together: one capture each
-        chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
-        bar = tqdm(total=len(tasks) + timing.rounds * (len(chunks) + int(need_context)), desc="profile",
-                   unit="step", disable=(None if progress is None else not progress), dynamic_ncols=True)
+        own, mirrored = _split_mirrored(tasks, layout, session.congruent_roots(), table)
+        own.sort(key=lambda t: (session.context_of(*t), t[0]))  # one context's tasks together: one capture each
+        chunks = [own[i : i + CHUNK] for i in range(0, len(own), CHUNK)]
+        bar = tqdm(total=len(own) + len(mirrored) + timing.rounds * (len(chunks) + int(need_context)),
+                   desc="profile", unit="step", disable=(None if progress is None else not progress),
+                   dynamic_ncols=True)
         session.step = bar.update
         try:
             if need_context:
@@ -149,6 +153,13 @@ def profile(
                 session.variant_chunk(table, chunk, stats)
                 bar.set_postfix(timed=stats.measured, reused=stats.reused)
                 table.save()
+            leftover = session.copy_mirrored(table, mirrored, stats)
+            if leftover:  # a block that is not congruent after all, or position-dependent variants
+                leftover.sort(key=lambda t: (session.context_of(*t), t[0]))
+                bar.total += timing.rounds * (-(-len(leftover) // CHUNK))
+                for i in range(0, len(leftover), CHUNK):
+                    session.variant_chunk(table, leftover[i : i + CHUNK], stats)
+                    table.save()
         finally:
             bar.close()
             table.save()
@@ -174,6 +185,33 @@ def _classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping
             table.global_options[settings_key([setting])] = {"structural": True, "how": _failed(exc)}
             continue
         table.global_options[settings_key([setting])] = {"structural": structural}
+
+
+def _split_mirrored(
+    tasks: list[tuple[str, tuple[Setting, ...]]], layout: Layout, mirror: dict[str, str], table: LatencyTable,
+) -> tuple[list[tuple[str, tuple[Setting, ...]]], list[tuple[str, tuple[Setting, ...], str, tuple[Setting, ...]]]]:
+    """Tasks to profile, and tasks of congruent blocks to take from their representative block's entries
+    ``(name, settings, representative name, representative settings)``."""
+    own: list[tuple[str, tuple[Setting, ...]]] = []
+    planned: set[tuple[str, str]] = set()
+    mirrored = []
+    for name, settings in tasks:
+        ancestors = layout.layers[name].ancestors
+        top = ancestors[1] if len(ancestors) > 1 else name
+        rep = mirror.get(top)
+        if rep is None:
+            if (name, settings_key(settings)) not in planned:
+                own.append((name, settings))
+                planned.add((name, settings_key(settings)))
+            continue
+        rep_name = rename_layer(name, top, rep)
+        rep_settings = tuple((rename_layer(param, top, rep), value) for param, value in settings)
+        mirrored.append((name, settings, rep_name, rep_settings))
+        key = settings_key(rep_settings)
+        if not table.has(rep_name, key) and (rep_name, key) not in planned:
+            own.append((rep_name, rep_settings))
+            planned.add((rep_name, key))
+    return own, mirrored
 
 
 # --- a profile session ------------------------------------------------------------------------------------------
@@ -229,6 +267,54 @@ class _Session:
         self.units: dict[str, tuple[nn.Module, tuple, dict]] = {}  # signature -> (layer, args, kwargs), this chunk
         self.ratios: dict[tuple[str, str], float] = {}  # (signature, identity signature) -> ratio, this run
 
+    def congruent_roots(self) -> dict[str, str]:
+        """Top-level searched layers (blocks) that repeat an earlier one: same module structure, same input shape,
+        same knobs and choices relative to the block. Maps each repeat to the first of its kind."""
+        first: dict[str, str] = {}
+        mirror: dict[str, str] = {}
+        for root in self.layout.roots:
+            io = self.base.get(root)
+            if io is None:
+                continue
+            knobs = sorted(
+                (rename_layer(k.param, root, "#"), repr(k.choices), repr(k.identity))
+                for layer in (root, *self.layout.descendants(root)) for k in self.layout.layers[layer].knobs
+            )
+            key = repr((structure_signature(self.model.get_submodule(root)), _shapes(io.args), _shapes(io.kwargs),
+                        knobs))
+            if key in first:
+                mirror[root] = first[key]
+            else:
+                first[key] = root
+        return mirror
+
+    def copy_mirrored(self, table: LatencyTable, mirrored: list, stats: ProfileStats) -> list[tuple[str, tuple]]:
+        """Copy the representative block's ratios to congruent blocks, after checking one variant per block
+        realises to the same module; return the tasks that must be profiled on their own."""
+        by_top: dict[str, list] = {}
+        for item in mirrored:
+            top = next(a for a in (*self.layout.layers[item[0]].ancestors[1:], item[0]))
+            by_top.setdefault(top, []).append(item)
+        leftover: list[tuple[str, tuple]] = []
+        for top, items in by_top.items():
+            timed = [it for it in items if "sig" in (table.entry(it[2], settings_key(it[3])) or {})]
+            congruent = True
+            if timed:  # realise the richest variant in this block: it must be the representative's module
+                name, settings, rep_name, rep_settings = max(timed, key=lambda it: len(it[1]))
+                check = self._realise(name, settings)
+                congruent = check.sig == table.entry(rep_name, settings_key(rep_settings))["sig"]
+                self.units = {}
+            for name, settings, rep_name, rep_settings in items:
+                entry = table.entry(rep_name, settings_key(rep_settings)) or {}
+                if congruent and "ratio" in entry:
+                    table.put(name, settings_key(settings), {**entry, "how": f"mirrored from {rep_name}"})
+                    stats.reused += 1
+                    stats.mirrored += 1
+                    self.step(1)
+                else:
+                    leftover.append((name, settings))
+        return leftover
+
     def context_of(self, name: str, settings: tuple[Setting, ...]) -> tuple[str, str]:
         """(realisation root, key of the settings of the layers that contain ``name``)."""
         ctx = tuple(s for s in settings if self.layout.layer_of(s[0]) != name)
@@ -237,24 +323,29 @@ class _Session:
     # context: the uncompressed model end to end and each searched layer in it
 
     def context_rounds(self, table: LatencyTable) -> None:
+        """``base_ms``: the median plain forward pass. A layer's identity entry: its median share of a hooked pass
+        (layer time / that pass's total, both from one pass) times ``base_ms``, so a load spike in one pass cannot
+        make the layers add up to more than the model."""
         names = [n for n in self.layout.layers if n != MODEL]
-        inside: dict[str, list[float]] = {n: [] for n in names}
+        shares: dict[str, list[float]] = {n: [] for n in names}
         clock = _LayerClock(self.model, names, self.timing.clock)
         plain = self._item(lambda: self.model(self.example))
+        hooked = self._item(lambda: self.model(self.example))
         for _ in range(max(1, self.timing.warmup)):
             self.model(self.example)
         for _ in range(self.timing.rounds):
             plain.sample()
             with clock:
-                self.model(self.example)
+                hooked.sample()
             for n in names:
-                inside[n].append(clock.last.get(n, 0.0))
+                shares[n].append(clock.last.get(n, 0.0) / hooked.samples[-1])
             self.step(1)
         table.base_ms = round(plain.median, 6)
         table.put(MODEL, "", {"ms": table.base_ms, "how": "end to end"})
         for n in names:
             called = n in self.base
-            table.put(n, "", {"ms": round(statistics.median(inside[n]), 6), "how": "in context" if called else "not called"})
+            table.put(n, "", {"ms": round(statistics.median(shares[n]) * table.base_ms, 6),
+                              "how": "in context" if called else "not called"})
 
     # layer variants: realise, deduplicate, time with their uncompressed layer, store ratios
 
