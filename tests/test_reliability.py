@@ -227,11 +227,12 @@ def check_resumed_run(run_dir: Path, before: list[optuna.trial.FrozenTrial], tot
         if t.user_attrs.get("val_accuracy") is not None:
             assert rows.loc[t.number, "val_accuracy"] == pytest.approx(t.user_attrs["val_accuracy"])
     cut = [t for t in after if t.user_attrs.get("interrupted")]
-    assert len(cut) == 1, "exactly the trial that was running is marked interrupted"
-    # its policy: all of it when it was enqueued, else what was drawn before the interruption
-    policy = {**cut[0].system_attrs.get("fixed_params", {}), **cut[0].params}
-    again = [n for n, row in rows.iterrows() if n > cut[0].number and all(row[c] == v for c, v in policy.items())]
-    assert len(again) == 1, "the interrupted trial ran again, once"
+    # the signal almost always lands inside a trial; between two trials nothing is cut
+    assert len(cut) <= 1, "only the trial that was running is marked interrupted"
+    for t in cut:  # its policy: all of it when it was enqueued, else what was drawn before the interruption
+        policy = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        again = [n for n, row in rows.iterrows() if n > t.number and all(row[c] == v for c, v in policy.items())]
+        assert len(again) == 1, "the interrupted trial ran again, once"
     policies = trials[cols].astype(str).agg("|".join, axis=1)
     assert policies.is_unique, "a policy was evaluated twice"
 
@@ -258,7 +259,7 @@ def test_sigkill_then_resume_keeps_every_finished_trial(cfg, tmp_path, capsys):
         proc.communicate()
     before = stored_trials(run_dir / "study.db")
     running = [t for t in before if t.state.name == "RUNNING"]
-    assert len(running) == 1 and not (run_dir / "trials.csv").exists()
+    assert len(running) <= 1 and not (run_dir / "trials.csv").exists()
 
     code = main(["search", str(config), "--resume", "--no-progress"])
     assert code in (0, 3), capsys.readouterr().err
