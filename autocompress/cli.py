@@ -37,7 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="search space file or builtin name (default: the config's)")
     s.add_argument("--out", help="run directory (default: the config's out)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished trials")
-    s.add_argument("--backend", choices=["optuna"], help="search backend (default optuna)")
+    s.add_argument("--backend", choices=["optuna", "ray"],
+                   help="optuna: trials in this process (default); ray: trials as Ray Tune trials on a Ray cluster")
+    s.add_argument("--storage", metavar="URL",
+                   help="share one study among several search processes (same command on each; --trials is the "
+                        "total): journal:PATH or a file path (journal file on a local or shared disk), "
+                        "postgresql://... or mysql://... (a database server). SQLite is not safe for concurrent "
+                        "workers and is refused")
+    r = s.add_argument_group("Ray (with --backend ray)")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (e.g. HEAD_IP:6379 from `ray start --head`); default: start a local Ray")
+    r.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at a time (default: as many as "
+                   "the cluster's CPUs allow)")
+    r.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs reserved per trial (default: the config's "
+                   "target.threads, so trials on one node do not share cores while their latency is measured)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     a = sub.add_parser("apply", help="compress the config's model with a policy and save it",
@@ -161,12 +174,29 @@ def _search(args: argparse.Namespace) -> int:
     result = search(
         config, budget=args.budget, trials=args.trials, sampler=args.sampler, seed=args.seed,
         space=_from_cwd(args.space), out=_from_cwd(args.out), resume=args.resume, backend=args.backend,
-        progress=not args.no_progress,
+        progress=not args.no_progress, backend_options=_backend_options(args, args.backend or config.search.backend),
     )
     print(f"run directory: {result.run_dir}")
     if not result.feasible:
         raise NoFeasiblePolicy(no_feasible_message(result))
     return 0
+
+
+def _backend_options(args: argparse.Namespace, backend: str) -> dict:
+    """The options of the chosen backend; a Ray option without ``--backend ray`` is a mistake worth saying."""
+    options: dict = {} if args.storage is None else {"storage": args.storage}
+    ray_options = {"--ray-address": ("address", args.ray_address),
+                   "--max-concurrent": ("max_concurrent", args.max_concurrent),
+                   "--cpus-per-trial": ("cpus_per_trial", args.cpus_per_trial)}
+    for flag, (key, value) in ray_options.items():
+        if value is None:
+            continue
+        if backend != "ray":
+            raise InputError(flag, "only applies with --backend ray")
+        if key != "address" and not value > 0:
+            raise InputError(flag, f"must be positive, got {value}")
+        options[key] = value
+    return options
 
 
 def _from_cwd(value: str | None) -> str | None:

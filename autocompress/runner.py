@@ -54,6 +54,7 @@ class RunContext:
     baseline: Baseline
     cache: dict[str, Any] = field(default_factory=dict)  # shared by all trials of the run (e.g. teacher outputs)
     rebuildable: bool = True  # the model is a named timm architecture, so compressed models can be saved
+    data_from_config: bool = True  # the data were loaded from config.data, so a worker process can load them again
     latency_model: Any = None  # a calibrated autocompress.latency_model.LatencyPredictor (latency budgets), or None
 
     @property
@@ -138,6 +139,7 @@ def prepare(
         plugins = load_plugins(block=config.plugins.get("block", ()))
         for bad in plugins.errors:
             log(f"warning: plugin {bad.name!r} ({bad.distribution}) not loaded: {bad.error}")
+    data_from_config = data is None
     if data is None:
         data = load_data(config)
     rebuildable = model is None
@@ -169,7 +171,7 @@ def prepare(
 
         latency_model = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
     return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
-                      latency_model=latency_model)
+                      data_from_config=data_from_config, latency_model=latency_model)
 
 
 def config_budget(config: RunConfig) -> Budget:

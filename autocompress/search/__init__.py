@@ -35,6 +35,7 @@ __all__ = ["search", "BACKENDS", "finish_run"]
 #: backend name -> "module:function(run, run_dir, resume, progress) -> list of trial rows"
 BACKENDS = {
     "optuna": "autocompress.search.optuna_search:run",
+    "ray": "autocompress.search.ray_backend:run",
 }
 PARETO_TEST_ROWS = 10
 
@@ -82,8 +83,16 @@ def search(
         raise InputError("search.backend", f"unknown backend {config.search.backend!r} ({', '.join(BACKENDS)})")
 
     run_dir = config.resolve_path(config.out)
-    _check_run_dir(run_dir, resume)
-    baseline = _saved_baseline(run_dir) if resume else None
+    storage = (backend_options or {}).get("storage")
+    if storage is not None and config.search.backend == "optuna":
+        # workers sharing one study (shared_study.py): the run directory may be another worker's too, and the
+        # baseline is the one the study's creator measured, so the budget means the same limit everywhere
+        baseline = _shared_baseline(storage)
+        if resume and baseline is None:
+            raise InputError("--storage", f"nothing to resume: no study with a baseline in {storage}")
+    else:
+        _check_run_dir(run_dir, resume)
+        baseline = _saved_baseline(run_dir) if resume else None
     if resume:
         _check_same_run(config, run_dir, given={k for k in ("budget", "space") if overrides[k] is not None})
     run = prepare(config, plugins=plugins, model=model, data=data, baseline=baseline, log=log)
@@ -216,7 +225,6 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 SAME_ON_RESUME = ("model", "data", "target", "budget", "space", "search.backend")
 
 
-
 def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
     """A resumed run must measure and search the same thing, or its old and new trials cannot be compared.
 
@@ -244,6 +252,14 @@ def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
                 f"{config.source}.{key}",
                 f"differs from the run being resumed in {run_dir} (was {old!r}, now {new!r}); use another --out",
             )
+
+
+def _shared_baseline(storage: str) -> dict[str, float] | None:
+    from autocompress.search.optuna_backend import STUDY_NAME
+    from autocompress.search.storage import study_user_attrs
+
+    base = (study_user_attrs(storage, STUDY_NAME) or {}).get("baseline")
+    return {k: float(base[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")} if isinstance(base, dict) else None
 
 
 def _saved_baseline(run_dir: Path) -> dict[str, float]:

@@ -21,10 +21,12 @@ STUDY_NAME = "autocompress"
 _STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
 
 
-def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(search: SearchConfig, seed: int | None = None, parallel: bool = False) -> optuna.samplers.BaseSampler:
+    """``parallel``: trials run concurrently (Ray, shared storage), so TPE treats running trials as bad results
+    (constant liar) instead of proposing the same policy to several workers."""
     seed = search.seed if seed is None else seed
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10, constant_liar=parallel)
     if search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
     if search.sampler == "random":
@@ -144,6 +146,22 @@ def run_optuna(
     else:
         for params, attrs in fail_interrupted(study):
             study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items() if k == "baseline"})
+    objective = make_objective(run, study, on_trial)
+    remaining = run.config.search.trials - len(finished_trials(study))
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=run.config.search.timeout_s,
+                       catch=(_TrialFailed,), gc_after_trial=True)
+    return study
+
+
+def make_objective(
+    run: RunContext,
+    study: optuna.Study,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+    """The function Optuna calls for each trial, shared by the one-process search and the workers of a shared
+    storage (``shared_study.py``); ``extra`` fields are added to every record (e.g. which worker ran it)."""
     limit, metric = run.limit, run.budget.metric
     dims = run.space.dimensions
 
@@ -162,6 +180,7 @@ def run_optuna(
         params = {d.name: trial.suggest_categorical(d.name, list(d.choices)) for d in dims}
         report = None if pruner == "none" else trial_report(study, trial, pruner, single, metric)
         record = evaluate_params(run, params, trial.number, report=report)
+        record.update(extra or {})
         record.setdefault("baseline", trial.user_attrs.get("baseline", ""))
         for key, value in record.items():
             if key not in ("number", "state"):
@@ -172,19 +191,25 @@ def run_optuna(
             raise _TrialFailed(record["error"])
         if record["state"] == "PRUNED":
             raise optuna.TrialPruned(record["skipped"])
-        cost = record[metric]
-        if not math.isfinite(cost) and math.isfinite(record.get("predicted_latency_ms", math.nan)):
-            cost = record["predicted_latency_ms"]  # skipped on its prediction: the sampler still learns how far over
-        trial.set_constraint("budget", float(cost - limit) if math.isfinite(cost) else 1e9)
-        acc = record["val_accuracy"]
-        acc = acc if math.isfinite(acc) else 0.0
-        return acc if single else (acc, cost if math.isfinite(cost) else 1e9)
+        constraint, values = constraint_and_values(record, limit, metric, single)
+        trial.set_constraint("budget", constraint)
+        return values
 
-    remaining = run.config.search.trials - len(finished_trials(study))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=run.config.search.timeout_s,
-                       catch=(_TrialFailed,), gc_after_trial=True)
-    return study
+    return objective
+
+
+def constraint_and_values(
+    record: dict[str, Any], limit: float, metric: str, single: bool
+) -> tuple[float, float | tuple[float, float]]:
+    """A completed trial's budget constraint (feasible when <= 0) and objective values, for every backend that
+    tells Optuna a trial record (this objective, and the Ray backend's searcher)."""
+    cost = record[metric]
+    if not math.isfinite(cost) and math.isfinite(record.get("predicted_latency_ms", math.nan)):
+        cost = record["predicted_latency_ms"]  # skipped on its prediction: the sampler still learns how far over
+    acc = record["val_accuracy"]
+    acc = acc if math.isfinite(acc) else 0.0
+    constraint = float(cost - limit) if math.isfinite(cost) else 1e9
+    return constraint, (acc if single else (acc, cost if math.isfinite(cost) else 1e9))
 
 
 def trial_report(study: optuna.Study, trial: optuna.Trial, pruner: str, single: bool, metric: str) -> TrialReport:

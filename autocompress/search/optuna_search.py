@@ -21,7 +21,11 @@ def run(
     log: Callable[[str], None] = print,
     storage: str | None = None,
 ) -> list[dict[str, Any]]:
-    storage = storage or f"sqlite:///{run_dir / 'study.db'}"
+    if storage is not None:  # a storage named by the user is shared with other workers (shared_study.py)
+        from autocompress.search.shared_study import run_shared
+
+        return run_shared(run, run_dir, resume, progress=progress, log=log, storage=storage)
+    storage = f"sqlite:///{run_dir / 'study.db'}"
     total = run.config.search.trials
     bar = tqdm(total=total, desc="search", unit="trial", disable=not progress, dynamic_ncols=True)
     best = [math.nan]
@@ -59,7 +63,7 @@ def run(
 def rows_from_study(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("interrupted") or t.state.name in ("RUNNING", "WAITING"):
+        if t.user_attrs.get("interrupted") or t.user_attrs.get("surplus") or t.state.name in ("RUNNING", "WAITING"):
             continue
         row = {k: v for k, v in t.user_attrs.items() if k not in ("interrupted",)}
         row["number"] = t.number
