@@ -273,3 +273,16 @@ def test_joint_search_with_builtins_measures_the_token_merging_speedup(
     timing = compare_latency({"dense": model.eval(), "tome": compressed}, data.val.images[:16], threads=2, repeats=5)
     speedup = timing["dense"].median_ms / timing["tome"].median_ms
     assert speedup > 1.25, f"r=48 per block on 196 tokens measured only {speedup:.2f}x"
+
+
+def test_installed_plugin_passes_its_own_contract_suite(tome_site: Path) -> None:
+    """What the plugin's author runs: its tests (autocompress.testing.TechniqueContract and merge arithmetic) against
+    the installed copy. The speed claim and the entry-point check are covered above, so they are left out here."""
+    env = {**os.environ, "PYTHONPATH": str(tome_site), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
+         "-k", "not claimed_speedup and not registered_through"],
+        cwd=TOME_SOURCE, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -55,12 +55,17 @@ def test_merging_averages_exactly_the_tokens_it_joins():
     assert (state.source[:, :2] == torch.arange(2)).all(), "protected tokens never move"
 
 
-def test_class_token_is_never_merged_and_output_keeps_the_token_grid():
-    model = MANY_TOKENS.create()
-    tome = TokenMergingTechnique().apply(copy.deepcopy(model), _every_block(48)(model), ApplyContext())
-    x = MANY_TOKENS.images(2)
-    with torch.inference_mode():
-        dense, merged = model.forward_features(x), tome.forward_features(x)
-    assert merged.shape == dense.shape  # merged tokens are laid out on the input grid again
-    # the class token went through every block on its own: it differs from dense only through attention
-    assert torch.isfinite(merged).all()
+def test_average_pooling_sees_merged_tokens_weighted_by_size_and_token_pooling_sees_fewer_tokens():
+    avg = ModelSpec("vit-avg-64tok", "vit_tiny_patch16_224", dict(img_size=32, patch_size=4, in_chans=1, num_classes=5,
+                    embed_dim=48, depth=3, num_heads=2, class_token=False, global_pool="avg"))
+    for spec, grid in ((avg, True), (MANY_TOKENS, False)):
+        model = spec.create()
+        merged = TokenMergingTechnique().apply(copy.deepcopy(model), _every_block(8)(model), ApplyContext())
+        x = spec.images(2)
+        with torch.inference_mode():
+            dense_tokens, merged_tokens = model.forward_features(x), merged.forward_features(x)
+        if grid:  # every input token position holds the token it was merged into: the mean is size-weighted
+            assert merged_tokens.shape == dense_tokens.shape
+        else:  # the class token is read directly; merged tokens stay merged
+            assert merged_tokens.shape[1] == dense_tokens.shape[1] - 8 * len(model.blocks)
+        assert torch.isfinite(merged_tokens).all()

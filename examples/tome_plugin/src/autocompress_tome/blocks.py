@@ -10,7 +10,9 @@ block's forward changes:
     x = x + mlp(norm2(x))                               # on N - r tokens
 
 The blocks of one model share a :class:`~autocompress_tome.merge.TokenState`; the first merging block resets it at
-the start of every forward pass and the model's last block lays the tokens out on the input grid again.
+the start of every forward pass. When the model pools over tokens (average pooling), the last block lays the tokens
+out on the input grid again, so the pool weighs each merged token by the patches it stands for; a model that reads
+its class token skips that, and ``forward_features`` then returns the merged tokens.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from autocompress_tome.merge import TokenState
 ATTENTION_PARTS = ("qkv", "num_heads", "proj")
 
 
-def attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a timm ``Attention``'s own layers with an additive key bias; return (output, keys averaged over heads).
+def attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+           want_keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a timm ``Attention``'s own layers with an additive key bias; return (output, keys averaged over heads,
+    or None unless ``want_keys``).
 
     Mirrors the computation of ``timm.layers.Attention.forward`` (qkv projection, optional q/k norm, scaled dot
     product, optional output norm and gate, projection), reading the head count from the module and the head width
@@ -56,7 +60,7 @@ def attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tuple
     proj_drop = getattr(attn, "proj_drop", None)
     if proj_drop is not None:
         out = proj_drop(out)
-    return out, k.mean(dim=1)
+    return out, (k.mean(dim=1) if want_keys else None)
 
 
 class TokenMergingBlock(nn.Module):
@@ -65,7 +69,8 @@ class TokenMergingBlock(nn.Module):
     #: the submodules of timm's Block this block takes over, under the same names
     PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
-    def __init__(self, block: nn.Module, r: int, protected: int, state: TokenState, first: bool, last: bool) -> None:
+    def __init__(self, block: nn.Module, r: int, protected: int, state: TokenState, first: bool, last: bool,
+                 unmerge: bool = True) -> None:
         super().__init__()
         for part in self.PARTS:
             self.add_module(part, getattr(block, part))
@@ -73,6 +78,7 @@ class TokenMergingBlock(nn.Module):
         self.protected = int(protected)
         self.first = first
         self.last = last
+        self.unmerge = unmerge  # lay tokens out on the input grid after the last block (models that pool over tokens)
         self._state = state  # a plain object: shared by the model's merging blocks, not part of the state dict
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -81,15 +87,16 @@ class TokenMergingBlock(nn.Module):
         state = self._state
         if self.first:
             state.reset()
-        y, keys = attend(self.attn, self.norm1(x), state.attention_bias(x.dtype))
+        y, keys = attend(self.attn, self.norm1(x), state.attention_bias(x.dtype), want_keys=self.r > 0)
         x = x + self.drop_path1(self.ls1(y))
         if self.r:
             x = state.merge(x, keys, self.r, self.protected)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if self.last:
-            x = state.unmerge(x)
+            if self.unmerge:
+                x = state.unmerge(x)
             state.reset()  # drop the per-batch tensors
         return x
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, protected={self.protected}"
+        return f"r={self.r}, protected={self.protected}" + (", unmerge" if self.last and self.unmerge else "")

@@ -10,8 +10,8 @@ speed comes from. Protected tokens (the class token, a distillation token, regis
 :class:`TokenState` carries what merging must remember through the rest of the forward pass: the sizes (used by
 proportional attention, ``softmax(q k^T / sqrt(d) + log s)``) and, for every input token, which merged token it
 ended up in, so the output can be laid out again as the full token grid (:meth:`TokenState.unmerge`). Laid out that
-way, an average pool over tokens equals the size-weighted average of the merged tokens, and ``forward_features``
-keeps the shape of the unmerged model.
+way, an average pool over tokens equals the size-weighted average of the merged tokens. A model that pools its class
+token does not need that, and skips the bookkeeping.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 class TokenState:
     """Per-forward-pass bookkeeping shared by the merging blocks of one model."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_source: bool = True) -> None:
+        self.track_source = track_source  # only needed to lay tokens out on the input grid again (unmerge)
         self.size: torch.Tensor | None = None  # (B, N, 1) patches per token; None while nothing is merged
         self.source: torch.Tensor | None = None  # (B, N0) index of the current token each input token lives in
 
@@ -49,7 +50,7 @@ class TokenState:
             return x
         if self.size is None:
             self.size = x.new_ones(batch, n, 1)
-        if self.source is None:
+        if self.track_source and self.source is None:
             self.source = torch.arange(n, device=x.device).expand(batch, n)
 
         with torch.no_grad():  # which tokens merge is a discrete choice; gradients flow through the averages
@@ -77,7 +78,8 @@ class TokenState:
         new_size = torch.cat([head_s, take(a_s, kept_a), b_s], dim=1)
         new_x = torch.cat([head, take(a_x, kept_a), b_x], dim=1) / new_size
 
-        self._follow(batch, n, protected, kept_a, merged_a, into_b)
+        if self.track_source:
+            self._follow(batch, n, protected, kept_a, merged_a, into_b)
         self.size = new_size
         return new_x
 

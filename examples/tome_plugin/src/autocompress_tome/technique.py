@@ -75,10 +75,12 @@ class TokenMergingTechnique(Technique):
             return model
         start = next(i for i, value in enumerate(r) if value)
         protected = int(getattr(model, "num_prefix_tokens", 0))
-        state = TokenState()
+        # pooling that reads only prefix tokens does not care where merged tokens sit; any other pooling does
+        grid = not (getattr(model, "global_pool", "") == "token" and getattr(model, "attn_pool", None) is None)
+        state = TokenState(track_source=grid)
         # every block from the first merge on must weight attention by token size; the last one unmerges
         for i in range(start, len(blocks)):
             name, block = blocks[i]
             replace_module(model, name, TokenMergingBlock(block, r[i], protected, state, first=i == start,
-                                                          last=i == len(blocks) - 1))
+                                                          last=i == len(blocks) - 1, unmerge=grid))
         return model
