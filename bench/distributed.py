@@ -8,6 +8,7 @@ low rank), one thread per trial, as real ``autocompress search`` processes:
 
 Two rates: over the trial phase (first trial start to last trial end, from the study's timestamps) and end to end
 (process start to exit, which adds Python, data and model loading, the baseline, Ray's start and the final report).
+For Ray the trial phase also holds the start of the trial workers (a trial is asked for before its worker exists).
 The machine is shared and has 2 cores: the rates say what a second worker buys here, not on a cluster.
 
     python bench/distributed.py [--trials 10]
@@ -57,6 +58,7 @@ def write_config(trials: int) -> Path:
 def run_mode(mode: str, workers: int, config: Path) -> dict:
     out = WORK / f"{mode}-{workers}"
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     base = [sys.executable, "-m", "autocompress.cli", "search", str(config), "--no-progress"]
     if mode == "storage":
@@ -67,7 +69,6 @@ def run_mode(mode: str, workers: int, config: Path) -> dict:
         commands = [base + ["--backend", "ray", "--max-concurrent", str(workers), "--cpus-per-trial", "1",
                             "--out", str(out)]]
         storage = f"sqlite:///{out / 'study.db'}"
-    out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for c in commands]

@@ -62,6 +62,10 @@ def search(
 
     ``config`` is a config file, a dict or a :class:`RunConfig`; keyword arguments override it. A model and data
     given directly are used as they are (the model's weights are taken as the baseline).
+
+    ``backend_options``: ``storage`` (an Optuna storage URL shared by several worker processes, see
+    ``search/storage.py``); with ``backend="ray"`` also ``address`` (a Ray cluster to join), ``max_concurrent``,
+    ``cpus_per_trial`` and ``num_cpus`` (of a local Ray), see ``search/ray_backend.py``.
     """
     config = _as_config(config)
     overrides = {"budget": budget, "space": space, "out": None if out is None else str(out)}

@@ -89,5 +89,10 @@ def tune_trial(config: dict[str, Any], spec: WorkerSpec) -> None:
         record = evaluate_params(run, params, number, report=TrialReport(probe))
     record[NODE_KEY] = node
     acc = record.get("val_accuracy")
-    tune.report({RECORD_KEY: json.dumps(record), SCORE_KEY: acc if isinstance(acc, float) else math.nan,
+    tune.report({RECORD_KEY: json.dumps(record, default=_plain), SCORE_KEY: acc if isinstance(acc, float) else math.nan,
                  NODE_KEY: node})
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (a plugin's numbers) as Python numbers; anything else as its text."""
+    return value.item() if hasattr(value, "item") else str(value)
