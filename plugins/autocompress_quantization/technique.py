@@ -35,6 +35,8 @@ class QuantizationTechnique(Technique):
         return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
     def check_value(self, model: nn.Module, layer: str | None, knob: str, value: object) -> None:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a format name, got {type(value).__name__}")
         if knob == "compute":
             if value not in ("fp32", "bf16"):
                 raise ValueError("compute must be fp32 or bf16")
