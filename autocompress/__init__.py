@@ -22,6 +22,10 @@ from autocompress.hookspecs import hookimpl
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
 from autocompress.results import SearchResult
+
+# Imported eagerly on purpose: the function shares its name with the subpackage autocompress.search, and a lazy
+# first import of the subpackage would rebind ``autocompress.search`` to the module (it pulls in no Optuna or Ray).
+from autocompress.search import search
 from autocompress.space import SearchSpace
 from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings, TrialStopped
 
@@ -40,11 +44,6 @@ __all__ = [
 # ``autocompress.search(...)`` stays the function whatever imports ``autocompress.search.*`` later. (The subpackage
 # imports Optuna and Ray only when a backend runs.)
 import autocompress.search as _search_package  # noqa: E402
-
-
-def search(*args: Any, **kwargs: Any) -> SearchResult:
-    """See :func:`autocompress.search.search`."""
-    return _search_package.search(*args, **kwargs)
 
 
 def apply(model: nn.Module, policy: Policy | str, plugins: Plugins | None = None,

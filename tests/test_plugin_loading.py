@@ -89,3 +89,16 @@ def test_every_command_has_help(command, capsys):
         main([*command, "--help"])
     assert exc.value.code == 0
     assert "usage: autocompress" in capsys.readouterr().out
+
+
+def test_autocompress_search_stays_the_function_after_backends_are_imported():
+    code = ("import autocompress, autocompress.search.optuna_search; "
+            "assert callable(autocompress.search), type(autocompress.search)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_importing_autocompress_does_not_import_optuna_or_ray():
+    code = "import autocompress, sys; print([m for m in sys.modules if m.split('.')[0] in ('optuna', 'ray')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
