@@ -55,3 +55,24 @@ class TestDistillationContract(TechniqueContract):
     space = {"options": {"steps": [0, 3], "temperature": [2.0, 4.0], "alpha": [0.5, 1.0], "lr": [1e-3],
                          "feature_weight": [0.0, 0.5], "batch_size": [16]}}
     atol = 1e-5
+
+
+def test_every_builtin_plugin_is_held_to_the_contract() -> None:
+    """Each builtin plugin has a TechniqueContract subclass naming it (here or in its own test file, e.g.
+    TestLowRankContract in test_lowrank.py), so a new builtin cannot skip the contract."""
+    import ast
+    import importlib.metadata
+    from pathlib import Path
+
+    covered = set()
+    for path in Path(__file__).parent.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "TechniqueContract" for b in node.bases):
+                for stmt in node.body:
+                    if (isinstance(stmt, ast.Assign) and any(getattr(t, "id", None) == "plugin" for t in stmt.targets)
+                            and isinstance(stmt.value, ast.Constant)):
+                        covered.add(stmt.value.value)
+    builtins = {ep.name for ep in importlib.metadata.entry_points(group="autocompress")
+                if ep.dist is not None and ep.dist.name == "autocompress"}
+    assert builtins >= {"quantization"}
+    assert builtins <= covered, f"builtin plugins without a contract test: {sorted(builtins - covered)}"
