@@ -68,7 +68,7 @@ def search(
     ``cpus_per_trial`` and ``num_cpus`` (of a local Ray), see ``search/ray_backend.py``.
     """
     config = _as_config(config)
-    overrides = {"budget": budget, "space": space, "out": None if out is None else str(out)}
+    overrides = {"budget": budget, "space": space, "out": None if out is None else str(Path(out).resolve())}  # cwd-relative, like any CLI path
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
