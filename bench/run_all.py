@@ -20,6 +20,7 @@ BENCHMARKS = {
     "quantization_kernels": ("quantization_kernels.py", [], ["--repeats", "7"]),
     "lowrank": ("lowrank.py", [], []),
     "pruning": ("pruning.py", [], []),
+    "distillation": ("distillation_recovery.py", [], ["--skip-fixed", "--steps", "50"]),
     "latency_model": ("latency_model.py", [], []),
     "deit_budget": ("deit_budget.py", [], ["--trials", "20"]),
     "search_quality": ("search_quality.py", [], ["--trials", "20", "--random-factor", "2", "--budgets", "0.5"]),

@@ -6,7 +6,8 @@ so quantization is applied to recovered weights. It has no per-layer knobs; its 
 - ``steps``: training steps (0: off, the identity); bounded per trial by the search space.
 - ``temperature``: softmax temperature of the soft (teacher) loss.
 - ``alpha``: weight of the soft loss; ``1 - alpha`` goes to the hard (label) loss.
-- ``lr``: AdamW learning rate (short warm-up, then constant).
+- ``lr``: AdamW learning rate (short warm-up, then constant). 3e-4 by default: on the demo ViT 1e-3 knocked a
+  mildly compressed model out of its minimum (-0.5 points after 100 steps where 3e-4 gained 1.0).
 - ``feature_weight``: weight of an MSE term between the pooled pre-logit features of student and teacher (0: off).
 - ``batch_size``: training batch size.
 
@@ -40,7 +41,7 @@ class DistillationTechnique(Technique):
         "steps": 0,
         "temperature": 2.0,
         "alpha": 0.5,
-        "lr": 1e-3,
+        "lr": 3e-4,
         "feature_weight": 0.0,
         "batch_size": 128,
     }
