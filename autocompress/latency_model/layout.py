@@ -18,6 +18,7 @@ or loses techniques.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -105,10 +106,11 @@ class Layout:
         return name
 
     def layer_of(self, param: str) -> str:
-        for spec in self.layers.values():
-            if any(k.param == param for k in spec.knobs):
-                return spec.name
-        raise KeyError(param)
+        return self._layer_by_param[param]
+
+    @functools.cached_property
+    def _layer_by_param(self) -> dict[str, str]:
+        return {k.param: spec.name for spec in self.layers.values() for k in spec.knobs}
 
     def combinations(self, name: str, limit: int) -> tuple[list[tuple[Setting, ...]], str]:
         """The settings to profile for ``name``, the identity first, and how they were chosen:

@@ -56,6 +56,14 @@ class LatencyPredictor:
         return self._residual(()) * self.scale
 
     def _residual(self, context: tuple[Setting, ...]) -> float:
+        """The residual under global options: the uncompressed residual times the ratio measured for the residual
+        itself in the same passes (where profiled), not the difference of two large, separately timed numbers."""
+        base = float(self.table.base_ms) - sum(self._lookup(root, ()) for root in self.layout.roots)
+        if not context:
+            return base
+        entry = self.table.entry(MODEL, settings_key(context))
+        if entry is not None and "residual_ratio" in entry:
+            return base * float(entry["residual_ratio"])
         return self._lookup(MODEL, context) - sum(self._lookup(root, context) for root in self.layout.roots)
 
     def calibrated(self, measured_base_ms: float) -> "LatencyPredictor":

@@ -51,8 +51,10 @@ from autocompress.technique import ApplyContext, Technique
 
 #: each timed sample of a layer repeats the call until it lasts this long, so sub-millisecond layers time well
 MIN_SAMPLE_MS = 2.0
-#: how many variants are realised and timed together (bounds the memory held by realised layers and inputs)
+#: how many variants are realised and timed together (bounds the memory held by realised models)
 CHUNK = 32
+#: how many congruent blocks of one pass carry the same variant (their times are summed before the ratio is taken)
+REPLICAS = 3
 
 
 @dataclass
@@ -237,6 +239,42 @@ class _Item:
         return statistics.median(self.samples)
 
 
+class _Pass:
+    """A realised model timed whole, with forward hooks timing the named layers in every pass."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, hooks: list[str], clock: Callable[[], float]) -> None:
+        self.model, self.example, self.hooks, self.clock = model, example, list(hooks), clock
+        self.inner = 1
+        self.samples: list[float] = []
+        self.times: dict[str, list[float]] = {h: [] for h in self.hooks}
+        self.variants: list[tuple[Any, tuple]] = []
+        self._clock = _LayerClock(model, [h for h in self.hooks if h != MODEL], clock)
+
+    def fn(self) -> None:
+        self.model(self.example)
+
+    def hook_also(self, names: list[str]) -> None:
+        """Time these layers too (those the model has): the hooks of every pass of a round are the same."""
+        present = [n for n in names if n != MODEL and _has_submodule(self.model, n)]
+        self._clock = _LayerClock(self.model, present, self.clock)
+        for n in present:
+            if n not in self.times:
+                self.hooks.append(n)
+                self.times[n] = []
+
+    def sample(self) -> None:
+        with self._clock:
+            start = self.clock()
+            self.model(self.example)
+            total = (self.clock() - start) * 1000.0
+        self.samples.append(total)
+        for h in self.hooks:
+            self.times[h].append(total if h == MODEL else self._clock.last.get(h, 0.0))
+
+    def median(self, hook: str) -> float:
+        return statistics.median(self.times[hook])
+
+
 @dataclass
 class _Variant:
     name: str
@@ -264,8 +302,9 @@ class _Session:
         names = list(layout.layers)
         self.base = capture(model, MODEL, names, (example,), {})
         self.contexts: OrderedDict[tuple[str, str], dict[str, Captured] | str] = OrderedDict()
-        self.units: dict[str, tuple[nn.Module, tuple, dict]] = {}  # signature -> (layer, args, kwargs), this chunk
+        self.mirror: dict[str, str] = {}  # congruent block -> the first of its kind (see congruent_roots)
         self.ratios: dict[tuple[str, str], float] = {}  # (signature, identity signature) -> ratio, this run
+        self.residual_ratios: dict[tuple[str, str], float] = {}  # the same, for the residual under global options
 
     def congruent_roots(self) -> dict[str, str]:
         """Top-level searched layers (blocks) that repeat an earlier one: same module structure, same input shape,
@@ -286,6 +325,7 @@ class _Session:
                 mirror[root] = first[key]
             else:
                 first[key] = root
+        self.mirror = mirror
         return mirror
 
     def copy_mirrored(self, table: LatencyTable, mirrored: list, stats: ProfileStats) -> list[tuple[str, tuple]]:
@@ -303,7 +343,6 @@ class _Session:
                 name, settings, rep_name, rep_settings = max(timed, key=lambda it: len(it[1]))
                 check = self._realise(name, settings)
                 congruent = check.sig == table.entry(rep_name, settings_key(rep_settings))["sig"]
-                self.units = {}
             for name, settings, rep_name, rep_settings in items:
                 entry = table.entry(rep_name, settings_key(rep_settings)) or {}
                 if congruent and "ratio" in entry:
@@ -350,38 +389,118 @@ class _Session:
     # layer variants: realise, deduplicate, time with their uncompressed layer, store ratios
 
     def variant_chunk(self, table: LatencyTable, chunk: list[tuple[str, tuple[Setting, ...]]], stats: ProfileStats) -> None:
-        self.units = {}
+        """Realise the chunk's variants, then time each distinct one *in context*: several variants go into one
+        realised model, each in its own block (congruent blocks are interchangeable), and forward hooks time them
+        during whole passes, round by round with the uncompressed model's pass. A variant's ratio is its layer's
+        time in its pass over the same layer's time in the uncompressed pass."""
         variants = []
         for name, settings in chunk:
-            variants.append(self._realise(name, settings))
+            variants.append((self._realise(name, settings), settings))
             self.step(1)
-        todo = {s for v in variants if v.sig and (v.sig, v.identity_sig) not in self.ratios for s in (v.sig, v.identity_sig)}
-        items = {sig: self._unit_item(sig) for sig in sorted(todo)}
-        wholes = {id(v.whole): self._item(lambda m=v.whole: m(self.example)) for v in variants if v.whole is not None}
-        base = self._item(lambda: self.model(self.example)) if wholes else None
-        self._rounds([*items.values(), *wholes.values(), *([base] if base else [])])
-        for v in variants:
+        first: dict[tuple[str, str], tuple[_Variant, tuple[Setting, ...]]] = {}
+        for v, settings in variants:
+            if v.sig and (v.sig, v.identity_sig) not in self.ratios:
+                first.setdefault((v.sig, v.identity_sig), (v, settings))
+        passes = self._passes(list(first.values()))
+        wholes = {id(v.whole): self._item(lambda m=v.whole: m(self.example)) for v, _ in variants if v.whole is not None}
+        # every pass carries the same hooks, so their (small) cost is the same in the variant and the reference
+        hooked = sorted({h for p in passes for h in p.hooks})
+        if any(MODEL in p.hooks for p in passes):  # the residual under a global option, from the same passes
+            hooked = sorted({*hooked, *self.layout.roots})
+        for p in passes:
+            p.hook_also(hooked)
+        base = _Pass(self.model, self.example, hooked, self.timing.clock)
+        plain = self._item(lambda: self.model(self.example)) if wholes else None
+        self._rounds([base, *passes, *wholes.values(), *([plain] if plain else [])])
+        for p in passes:
+            for v, hooks in p.variants:
+                variant = [sum(p.times[h][r] for h in hooks) for r in range(len(p.samples))]
+                reference = [sum(base.times[h][r] for h in hooks) for r in range(len(base.samples))]
+                self.ratios[(v.sig, v.identity_sig)] = _paired_ratio(variant, reference)
+                if hooks == [MODEL]:  # what no top-level layer covers, under this global option / uncompressed
+                    rest, base_rest = _residuals(p, self.layout.roots), _residuals(base, self.layout.roots)
+                    self.residual_ratios[(v.sig, v.identity_sig)] = _paired_ratio(rest, base_rest)
+        for v, _ in variants:
             if v.how == "not called":
                 table.put(v.name, v.key, {"ratio": 1.0, "how": v.how})
             elif v.how.startswith("failed"):
                 table.put(v.name, v.key, {"how": v.how})
                 stats.failed += 1
             elif v.whole is not None:
-                delta = (wholes[id(v.whole)].median - base.median) / base.median
+                delta = _paired_ratio(wholes[id(v.whole)].samples, plain.samples) - 1.0
                 table.put(v.name, v.key, {"delta": round(delta, 6), "how": "end to end"})
                 stats.measured += 1
                 stats.end_to_end += 1
             else:
                 pair = (v.sig, v.identity_sig)
-                if pair in self.ratios:
-                    stats.reused += 1
-                    how = "reused"
+                timed_now = pair in first and first[pair][0] is v
+                stats.measured += timed_now
+                stats.reused += not timed_now
+                entry = {"ratio": round(self.ratios[pair], 6), "how": "measured in context" if timed_now else "reused",
+                         "sig": v.sig}
+                if pair in self.residual_ratios:
+                    entry["residual_ratio"] = round(self.residual_ratios[pair], 6)
+                table.put(v.name, v.key, entry)
+
+    def _passes(self, todo: list[tuple["_Variant", tuple[Setting, ...]]]) -> list["_Pass"]:
+        """Pack variants into realised models. A variant goes into up to ``REPLICAS`` congruent blocks of one pass
+        (its ratio is then taken over all of them: a single layer's time in one pass is noisy on a busy machine),
+        different variants into other blocks of the same pass; passes are split by global option settings, which
+        apply to the whole model."""
+        members: dict[str, list[str]] = {}
+        for member, rep in self.mirror.items():
+            members.setdefault(rep, [rep]).append(member)
+        groups: dict[str, list] = {}
+        for v, settings in todo:
+            if v.name == MODEL:  # a global option alone: the whole pass is its unit
+                groups.setdefault("whole:" + v.key, []).append((v, settings, MODEL))
+                continue
+            ancestors = self.layout.layers[v.name].ancestors
+            top = ancestors[1] if len(ancestors) > 1 else v.name
+            global_key = settings_key([s for s in settings if self.layout.layer_of(s[0]) == MODEL])
+            groups.setdefault(global_key, []).append((v, settings, top))
+        passes: list[_Pass] = []
+        for key, items in groups.items():
+            if key.startswith("whole:"):
+                v, settings, _ = items[0]
+                passes.append(self._build_pass([(v, settings, MODEL, [MODEL])], dict(settings)))
+                continue
+            open_passes: list[dict[str, Any]] = []  # {"used": set of blocks, "placed": [(v, settings, top, slots)]}
+            for v, settings, top in items:
+                candidates = members.get(top, [top])
+                want = min(REPLICAS, len(candidates))
+                for p in open_passes:
+                    free = [s for s in candidates if s not in p["used"]]
+                    if len(free) >= want:
+                        break
                 else:
-                    self.ratios[pair] = items[v.sig].median / items[v.identity_sig].median
-                    stats.measured += 1
-                    how = "measured"
-                table.put(v.name, v.key, {"ratio": round(self.ratios[pair], 6), "how": how, "sig": v.sig})
-        self.units = {}
+                    p = {"used": set(), "placed": []}
+                    open_passes.append(p)
+                    free = list(candidates)
+                slots = free[:want]
+                p["used"].update(slots)
+                p["placed"].append((v, settings, top, slots))
+            global_params = {p: val for p, val in items[0][1] if self.layout.layer_of(p) == MODEL}
+            for p in open_passes:
+                params = dict(global_params)
+                for v, settings, top, slots in p["placed"]:
+                    for slot in slots:
+                        params.update({rename_layer(q, top, slot): val for q, val in settings
+                                       if self.layout.layer_of(q) != MODEL})
+                passes.append(self._build_pass(p["placed"], params))
+        return passes
+
+    def _build_pass(self, placed: list, params: dict[str, Any]) -> "_Pass":
+        slots = [slot for *_, group in placed for slot in group]
+        global_ = any(self.layout.layer_of(p) == MODEL for p in params)
+        model = copy.deepcopy(self.model) if global_ or MODEL in slots else path_copy_many(self.model, slots)
+        model = apply_policy(model, Policy.from_params(params), self.techniques, ApplyContext(structure_only=True),
+                             inplace=True)
+        hooks = [[MODEL if slot == MODEL else rename_layer(v.name, top, slot) for slot in group]
+                 for v, _, top, group in placed]
+        p = _Pass(model, self.example, [h for group in hooks for h in group], self.timing.clock)
+        p.variants = [(v, group) for (v, *_), group in zip(placed, hooks)]
+        return p
 
     def _rounds(self, items: list[_Item]) -> None:
         if not items:
@@ -423,19 +542,15 @@ class _Session:
             separable = False
         if not separable:  # its output changes what later layers get, or it cannot run alone
             return _Variant(name, key, how="end to end", whole=realised)
-        sig = unit_signature(unit, io.args, io.kwargs)
-        self.units.setdefault(sig, (unit, io.args, io.kwargs))
-        return _Variant(name, key, how="measured", sig=sig, identity_sig=identity_sig)
+        return _Variant(name, key, how="measured", sig=unit_signature(unit, io.args, io.kwargs),
+                        identity_sig=identity_sig)
 
     def _identity(self, name: str) -> str:
-        """Signature of the uncompressed layer, kept for timing the ratios ('' if it cannot run on its own)."""
+        """Signature of the uncompressed layer on its input ('' if it cannot run on its own)."""
         io = self.base.get(name)
         if io is None:
             return ""
-        unit = self.model.get_submodule(name)
-        sig = unit_signature(unit, io.args, io.kwargs)
-        self.units.setdefault(sig, (unit, io.args, io.kwargs))
-        return sig
+        return unit_signature(self.model.get_submodule(name), io.args, io.kwargs)
 
     def _context(self, root: str, ctx_key: str, settings: tuple[Setting, ...], name: str) -> dict[str, Captured] | str:
         """Inputs of the layers under ``root`` when the context settings are applied (cached, two contexts)."""
@@ -459,10 +574,6 @@ class _Session:
             while len(self.contexts) > 2:
                 self.contexts.popitem(last=False)
         return cached
-
-    def _unit_item(self, sig: str) -> _Item:
-        unit, args, kwargs = self.units[sig]
-        return self._item(lambda: unit(*args, **kwargs))
 
     def _item(self, fn: Callable[[], Any]) -> _Item:
         return _Item(fn, self.timing.clock)
@@ -544,6 +655,46 @@ def path_copy(model: nn.Module, subtree: str) -> nn.Module:
         new = copy.deepcopy(child) if i == len(parts) - 1 else _shallow(child)
         parent._modules[part] = new
         parent = new
+    return root
+
+
+def _residuals(p: "_Pass", roots: list[str]) -> list[float]:
+    """Per round: the pass's total minus its top-level layers (what the residual is, measured in one pass)."""
+    return [p.times[MODEL][r] - sum(p.times[n][r] for n in roots if n in p.times) for r in range(len(p.samples))]
+
+
+def _paired_ratio(variant: list[float], reference: list[float]) -> float:
+    """Median over rounds of variant / reference timed in the same round: load that shifts between rounds cancels."""
+    ratios = [v / r for v, r in zip(variant, reference) if r > 0]
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def path_copy_many(model: nn.Module, subtrees: list[str]) -> nn.Module:
+    """:func:`path_copy` for several disjoint subtrees at once."""
+    root = _shallow(model)
+    copied = {id(root)}
+    for subtree in subtrees:
+        parent = root
+        parts = subtree.split(".")
+        for i, part in enumerate(parts):
+            child = parent._modules[part]
+            if i == len(parts) - 1:
+                new = copy.deepcopy(child)
+            elif id(child) in copied:
+                new = child  # already copied for an earlier subtree
+            else:
+                new = _shallow(child)
+                copied.add(id(new))
+            parent._modules[part] = new
+            parent = new
     return root
 
 
