@@ -159,7 +159,9 @@ def prepare(
         log("measuring the uncompressed baseline ...")
         t = config.target
         base = Baseline(
-            latency_ms=measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms,
+            # the lowest of three medians: every relative budget hangs on this number, and a burst of load from
+            # another process during one measurement made a demo's limit 8x too generous
+            latency_ms=min(measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms for _ in range(3)),
             memory_mb=memory_mb(model),
             val_accuracy=accuracy(model, data.val),
         )
