@@ -20,7 +20,7 @@ from common import markdown_table, write_json  # noqa: E402
 
 import autocompress  # noqa: E402
 import autocompress.runner as runner  # noqa: E402
-import autocompress.search.optuna_search as optuna_search  # noqa: E402
+from autocompress.search import optuna_search  # noqa: E402  (the name autocompress.search is the function)
 from autocompress.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -130,13 +130,9 @@ def fail_interrupted(study: optuna.Study) -> list[tuple[dict[str, Any], dict[str
     return requeue
 
 
-def run_optuna(
-    run: RunContext,
-    storage: str,
-    resume: bool,
-    on_trial: Callable[[dict[str, Any]], None] | None = None,
-) -> optuna.Study:
-    study = open_study(run, storage, resume)
+def start_or_recover(study: optuna.Study, run: RunContext) -> None:
+    """A new study records the run's baseline and budget and queues the baselines; a resumed one re-queues the
+    trials a killed process left running."""
     if not study.trials:
         study.set_user_attr("baseline", run.baseline.to_dict())
         study.set_user_attr("budget", str(run.budget))
@@ -146,6 +142,16 @@ def run_optuna(
     else:
         for params, attrs in fail_interrupted(study):
             study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items() if k == "baseline"})
+
+
+def run_optuna(
+    run: RunContext,
+    storage: str,
+    resume: bool,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> optuna.Study:
+    study = open_study(run, storage, resume)
+    start_or_recover(study, run)
     objective = make_objective(run, study, on_trial)
     remaining = run.config.search.trials - len(finished_trials(study))
     if remaining > 0:

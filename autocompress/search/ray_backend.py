@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.runner import RunContext
 from autocompress.search.optuna_backend import (
-    STUDY_NAME, enqueue_baselines, fail_interrupted, make_sampler, open_study,
+    STUDY_NAME, make_sampler, open_study, start_or_recover,
 )
 from autocompress.search.optuna_search import rows_from_study
 from autocompress.search.progress import TrialProgress
@@ -124,15 +124,7 @@ def _open_study(run: RunContext, url: str, resume: bool) -> optuna.Study:
         raise InputError("--storage", f"{url} already holds a study {STUDY_NAME!r}; pass --resume to continue it") from None
     # trials run concurrently: the sampler must not propose the same policy to every free worker
     study.sampler = make_sampler(run.config.search, seed=run.config.search.seed + len(study.trials), parallel=True)
-    if not study.trials:
-        study.set_user_attr("baseline", run.baseline.to_dict())
-        study.set_user_attr("budget", str(run.budget))
-        study.set_user_attr("limit", run.limit)
-        if run.config.search.baselines:
-            enqueue_baselines(study, run)
-    else:
-        for params, attrs in fail_interrupted(study):
-            study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items() if k == "baseline"})
+    start_or_recover(study, run)
     return study
 
 
