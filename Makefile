@@ -26,7 +26,7 @@ demo: $(STAMP) data
 	$(VENV)/bin/autocompress search examples/fashion_mnist.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP) data
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) data
 	$(PY) bench/run_all.py

@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: with any other process on the cores, spinning threads make timed
+# runs 10-40x slower at random and speed comparisons meaningless. Must be set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from autocompress.data import Dataset, Split, load_fashion_mnist
 
