@@ -1,25 +1,30 @@
 """Profile a latency table: realise each layer variant the installed techniques can produce and time it on the
-target, on the input that layer really gets.
+target, inside the model, on the input that layer really gets.
 
-A shared 2-core machine drifts in load by 2x within seconds, so timings taken at different moments are not
-comparable. Everything that is compared is therefore timed **interleaved**, round by round (A B C A B C ...):
+A shared 2-core machine drifts in load by 2x within seconds, and one layer's time in one pass varies by +-20% on
+it, so nothing is compared across moments and nothing rests on one sample:
 
 * **Context rounds** time the uncompressed model end to end (``base_ms``) and, with forward hooks in passes of the
-  same rounds, each searched layer *in context*: its identity entry is its share of a whole pass times ``base_ms``.
-  The residual — patch embedding, norms, attention matmuls, softmax, GELU: whatever no searched layer covers — is
-  ``base_ms`` minus the top-level layers' entries, from the same passes.
-* **Variant rounds** time each variant's layer alone together with the same layer uncompressed; the entry stores the
-  **ratio** (variant / uncompressed), and the predicted time of a variant is its layer's in-context time times that
-  ratio. Ratios survive load changes and the cache effects of timing a layer on its own.
+  same rounds, each searched layer *in context*: its identity entry is its median share of a pass times
+  ``base_ms``. The residual — patch embedding, norms, attention matmuls, softmax, GELU: whatever no searched layer
+  covers — is ``base_ms`` minus the top-level layers' entries.
+* **Variant passes**: variants are realised into whole models, each variant into up to ``REPLICAS`` congruent blocks
+  (same structure, input and knobs; their times are summed) and different variants into other blocks of the same
+  model, and timed with hooks during whole forward passes, round by round with a pass of the uncompressed model
+  carrying the same hooks. An entry stores the **ratio** (variant / uncompressed layer), as the median over rounds
+  of the ratio within a round; the predicted time of a variant is its layer's in-context time times that ratio.
+  Timing a layer inside the model keeps its cache and threading conditions (timed alone, a layer's weights and
+  input stay hot and small GEMMs look cheaper than they are).
+* A global option's residual (``quantization.compute=bf16`` also makes norms and attention bf16) is measured in
+  its own passes as a ratio too, not as the difference of two large, separately timed numbers.
 
-Realising one variant: the model is copied cheaply along the path to the outermost layer the variant's settings
-change (its *root*: the block ``blocks.3`` when a pruning setting of the block is part of the context of
-``blocks.3.attn.qkv``; the whole model for a global option): that subtree is deep-copied, all else is shared. The
-settings are applied with ``structure_only=True`` exactly as a trial applies them, minus calibration and training:
-kernels and shapes are a trial's, weight values do not change timings. The layer's input under its context is
-captured with forward hooks from one run of the realised context (a pruned MLP feeds ``fc2`` fewer channels; a
-bf16 model feeds every layer bf16). Variants whose module structure and input equal an already-timed one (the same
-format of a same-shaped layer in another block) reuse its ratio: that is what keeps a 12-block model cheap.
+Realising a variant: the settings (its own and those of the searched layers that contain it) are applied with
+``structure_only=True`` exactly as a trial applies them, minus calibration and training: kernels and shapes are a
+trial's, weight values do not change timings. Models are copied cheaply: only the changed blocks are deep-copied
+(the whole model under a global option). Each variant is first realised alone to read its module structure on its
+real input (captured with forward hooks; a pruned MLP feeds ``fc2`` fewer channels, a bf16 model feeds every layer
+bf16): variants equal to an already-timed one are not timed again, and a block congruent with an earlier one takes
+that block's ratios after one variant is checked to realise identically — what keeps a 12-block model cheap.
 
 A variant that changes its layer's output shape (a block that merges tokens) changes the work of every later layer;
 it is timed end to end instead, interleaved with the uncompressed model, and stored as a delta (a fraction of
