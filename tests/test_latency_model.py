@@ -327,6 +327,37 @@ def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp
     assert len(list((tmp_path / "cache" / "latency_tables").glob("*.json"))) == 1
 
 
+def test_a_table_that_no_longer_matches_the_machine_is_profiled_again(tmp_path, plugins):
+    """A search checks the table against a few uniform policies timed now; one that mis-predicts them (here: bf16
+    made to look 4x slower than it was measured) is profiled again rather than used to skip candidates."""
+    from autocompress.latency_model import predictor_for_run
+
+    kwargs = {**TINY_VIT, "embed_dim": 96, "num_heads": 3}
+    model = make_tiny_vit(embed_dim=96, num_heads=3)
+    example = torch.randn(64, 1, 28, 28)
+    space = SearchSpace.from_dict({"techniques": {"quantization": {"layers": [
+        {"match": BLOCK_LINEARS, "format": ["fp32", "bf16", "int8_dynamic"]}]}}}).resolve(model, plugins.techniques)
+    path = tmp_path / "table.json"
+    config = config_from_dict({"model": {"name": "vit_tiny_patch16_224", "kwargs": kwargs},
+                               "target": {"threads": 2, "batch_size": 64, "warmup": 1, "repeats": 5},
+                               "search": {"latency_table": str(path)}})
+    build_predictor(model, example, space, plugins, model_name="vit_tiny_patch16_224", model_kwargs=kwargs,
+                    threads=2, warmup=1, repeats=5, path=path, progress=False)
+    table = LatencyTable.load(path)
+    for entries in table.entries.values():
+        for key, entry in entries.items():
+            if '"bf16"' in key:
+                entry["ratio"] *= 4
+    table.save()
+    logged: list[str] = []
+    predictor = predictor_for_run(config, model, example, space, plugins, 10.0, log=logged.append, progress=False)
+    assert any("does not match this machine" in line and "bf16" in line for line in logged), logged
+    again = LatencyTable.load(path)
+    assert all(e["ratio"] < 2 for entries in again.entries.values() for k, e in entries.items() if '"bf16"' in k)
+    if predictor is not None:  # the fresh table passed the check
+        assert predictor.base_ms == pytest.approx(10.0)
+
+
 def test_a_margin_below_one_is_refused_naming_the_field(tmp_path):
     with pytest.raises(InputError, match="search.latency_model_margin"):
         autocompress.search({"model": {"name": "vit_tiny_patch16_224"}, "search": {"latency_model_margin": 0.8}},

@@ -27,7 +27,7 @@ from autocompress.technique import Technique
 
 __all__ = [
     "LatencyModelError", "LatencyPredictor", "LatencyTable", "Layout", "ProfileStats", "Timing",
-    "build_predictor", "default_table_path", "describe", "predictor_for_run", "profile", "table_for",
+    "build_predictor", "check_predictor", "default_table_path", "describe", "predictor_for_run", "profile", "table_for",
     "technique_versions",
 ]
 
@@ -90,29 +90,82 @@ def build_predictor(
     return LatencyPredictor(table, layout), stats
 
 
+#: a table whose predicted speed ratios of the probe policies are off by more than this is not trusted
+STALE_ERROR = 0.25
+
+
 def predictor_for_run(
     config: Any, model: nn.Module, example: torch.Tensor, space: ResolvedSpace, plugins: Any, measured_base_ms: float,
     log: Callable[[str], None] = print, progress: bool | None = None,
 ) -> LatencyPredictor | None:
-    """The predictor a search uses: the config's table (profiled now where entries are missing), calibrated to the
-    uncompressed latency measured in this process. A failure to profile is reported and the search goes on
-    measuring every candidate; a table file made for another target is an input error."""
+    """The predictor a search uses: the config's table (profiled now where entries are missing), checked against
+    this machine as it is now, and calibrated to the uncompressed latency measured in this process.
+
+    The check (:func:`check_predictor`) times a few uniform policies against the uncompressed model; a table that
+    mis-predicts them (profiled on a machine in another state, or a plugin that changed its kernels without changing
+    its version) is profiled again, and if it still does not match, the search runs without it. A failure to
+    profile is reported and the search goes on measuring every candidate; a table file made for another target is an
+    input error."""
     from autocompress.errors import InputError
 
     t = config.target
     path = config.resolve_path(config.search.latency_table) if config.search.latency_table else None
+    kwargs = dict(model_name=config.model.name, model_kwargs=config.model.kwargs, threads=t.threads,
+                  warmup=t.warmup, repeats=t.repeats, path=path, progress=progress, log=log,
+                  field=f"{config.source}.search.latency_table")
+    techniques = getattr(plugins, "techniques", plugins)
     try:
-        predictor, _ = build_predictor(
-            model, example, space, plugins, model_name=config.model.name, model_kwargs=config.model.kwargs,
-            threads=t.threads, warmup=t.warmup, repeats=t.repeats, path=path, progress=progress, log=log,
-            field=f"{config.source}.search.latency_table",
-        )
+        for attempt in ("cached", "profiled again"):
+            predictor, _ = build_predictor(model, example, space, plugins, force=attempt != "cached", **kwargs)
+            error, detail = check_predictor(predictor, model, example, space, techniques, t.threads, t.warmup)
+            if error <= STALE_ERROR:
+                return predictor.calibrated(measured_base_ms)
+            log(f"warning: the latency table ({attempt}) does not match this machine now: {detail}")
     except InputError:
         raise
     except Exception as exc:  # a plugin that cannot be profiled must not stop the search
         log(f"warning: latency model not used ({type(exc).__name__}: {exc}); every candidate is measured")
         return None
-    return predictor.calibrated(measured_base_ms)
+    log("warning: latency model not used for this run; every candidate is measured")
+    return None
+
+
+def check_predictor(
+    predictor: LatencyPredictor, model: nn.Module, example: torch.Tensor, space: ResolvedSpace,
+    techniques: Mapping[str, Technique], threads: int, warmup: int = 2, repeats: int = 7,
+) -> tuple[float, str]:
+    """Largest relative error of the predicted speed ratio (policy / uncompressed) of up to three uniform policies
+    (the predicted fastest, slowest and middle one), each timed round by round with the uncompressed model."""
+    import statistics
+
+    from autocompress.compose import apply_policy
+    from autocompress.costs import compare_latency
+    from autocompress.technique import ApplyContext
+
+    base = float(predictor.table.base_ms)
+    predicted = {}
+    for label, params in space.uniform_baselines().items():
+        try:
+            predicted[label] = (predictor.predict(params) / base, params)
+        except LatencyModelError:
+            continue
+    if not predicted:
+        return 0.0, "nothing to check"
+    ranked = sorted(predicted, key=lambda k: predicted[k][0])
+    probes = list(dict.fromkeys([ranked[0], ranked[-1], ranked[len(ranked) // 2]]))
+    models = {"uncompressed": model}
+    for label in probes:
+        models[label] = apply_policy(model, space.policy(predicted[label][1]), techniques,
+                                     ApplyContext(structure_only=True))
+    timed = compare_latency(models, example, threads, warmup, repeats)
+    base_samples = timed["uncompressed"].samples_ms
+    errors = {}
+    for label in probes:
+        measured = statistics.median(a / b for a, b in zip(timed[label].samples_ms, base_samples))
+        errors[label] = (abs(predicted[label][0] - measured) / measured, predicted[label][0], measured)
+    worst = max(errors, key=lambda k: errors[k][0])
+    error, pred, meas = errors[worst]
+    return error, f"{worst}: predicted {pred:.2f}x the uncompressed latency, measured {meas:.2f}x"
 
 
 def describe(predictor: LatencyPredictor) -> list[str]:
