@@ -124,7 +124,8 @@ def bench_model(key: str, spec: dict[str, Any], n_policies: int, threads: int, s
         rows.append({
             "policy": i, "measured_ms": record["latency_ms"], "predicted_ms": once.predict(policy),
             "measured_ratio": ratio, "predicted_ratio": predicted_raw / float(predictor.table.base_ms),
-            "rejection_measured_s": record["duration_s"], "rejection_predicted_s": predict_s, "summary": record["policy"],
+            "rejection_measured_s": record["duration_s"], "rejection_predicted_s": predict_s,
+            "summary": record["policy"],
         })
         r = rows[-1]
         print(f"  {key} {i + 1}/{n_policies}: measured {r['measured_ms']:.2f} ms, predicted {r['predicted_ms']:.2f}; "
@@ -174,7 +175,8 @@ def main() -> None:
     load_before = os.getloadavg()
     results = {key: bench_model(key, specs[key], args.policies, args.threads, args.seed) for key in args.models}
     headers = ["model", "batch", "policies", "median APE (paired with uncompressed)", "p90 APE (paired)",
-               "median APE (calibrated at start)", "residual share", "profile s", "timed / reused / from table", "reopen: timed",
+               "median APE (calibrated at start)", "residual share", "profile s", "timed / reused / from table",
+               "reopen: timed",
                "rejection measured s", "rejection predicted ms", "rejected at 0.5x (1.3 margin)", "false rejections"]
     rows = [[r["model"], r["batch"], r["policies"], f"{100 * r['mape_paired']:.1f}%",
              f"{100 * r['p90_ape_paired']:.1f}%", f"{100 * r['mape_calibrated_once']:.1f}%",

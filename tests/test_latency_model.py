@@ -16,7 +16,6 @@ from torch import nn
 import autocompress
 from autocompress.compose import apply_policy
 from autocompress.config import config_from_dict
-from autocompress.costs import compare_latency
 from autocompress.errors import InputError
 from autocompress.hookspecs import hookimpl
 from autocompress.latency_model import LatencyModelError, LatencyTable, Timing, build_predictor, profiler

@@ -37,7 +37,8 @@ MAX_COMBINATIONS = 64
 
 
 def technique_versions(plugins: Any) -> dict[str, str]:
-    """``technique -> "distribution==version"`` of the plugin that registered it (entries are re-made when it changes)."""
+    """``technique -> "distribution==version"`` of the plugin that registered it: its entries are profiled again
+    when that changes."""
     owners = getattr(plugins, "owners", {})
     infos = {info.name: info for info in getattr(plugins, "info", [])}
     out = {}

@@ -75,13 +75,15 @@ class Layout:
         names = list(knobs)
         layers = {}
         for name in names:
-            ancestors = () if name == MODEL else (MODEL, *sorted((a for a in names if a and name.startswith(a + ".")), key=len))
+            inside = sorted((a for a in names if a and name.startswith(a + ".")), key=len)
+            ancestors = () if name == MODEL else (MODEL, *inside)
             layers[name] = LayerSpec(name, tuple(sorted(knobs[name], key=lambda k: k.param)), ancestors)
         return cls(layers, neutral)
 
     @staticmethod
     def global_knobs(space: ResolvedSpace) -> list[Knob]:
-        return [Knob(d.name, d.technique, MODEL, tuple(d.choices), d.identity) for d in space.dimensions if d.layer is None]
+        return [Knob(d.name, d.technique, MODEL, tuple(d.choices), d.identity)
+                for d in space.dimensions if d.layer is None]
 
     @property
     def roots(self) -> list[str]:

@@ -393,7 +393,9 @@ class _Session:
 
     # layer variants: realise, deduplicate, time with their uncompressed layer, store ratios
 
-    def variant_chunk(self, table: LatencyTable, chunk: list[tuple[str, tuple[Setting, ...]]], stats: ProfileStats) -> None:
+    def variant_chunk(
+        self, table: LatencyTable, chunk: list[tuple[str, tuple[Setting, ...]]], stats: ProfileStats
+    ) -> None:
         """Realise the chunk's variants, then time each distinct one *in context*: several variants go into one
         realised model, each in its own block (congruent blocks are interchangeable), and forward hooks time them
         during whole passes, round by round with the uncompressed model's pass. A variant's ratio is its layer's
@@ -407,7 +409,8 @@ class _Session:
             if v.sig and (v.sig, v.identity_sig) not in self.ratios:
                 first.setdefault((v.sig, v.identity_sig), (v, settings))
         passes = self._passes(list(first.values()))
-        wholes = {id(v.whole): self._item(lambda m=v.whole: m(self.example)) for v, _ in variants if v.whole is not None}
+        wholes = {id(v.whole): self._item(lambda m=v.whole: m(self.example))
+                  for v, _ in variants if v.whole is not None}
         # every pass carries the same hooks, so their (small) cost is the same in the variant and the reference
         hooked = sorted({h for p in passes for h in p.hooks})
         if any(MODEL in p.hooks for p in passes):  # the residual under a global option, from the same passes

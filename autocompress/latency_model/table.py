@@ -156,7 +156,8 @@ class LatencyTable:
         except OSError as exc:
             raise InputError(field, f"cannot read {path} ({exc.strerror or exc})") from None
         except json.JSONDecodeError as exc:
-            raise InputError(field, f"{path} is not a latency table (bad JSON: {exc.msg} at line {exc.lineno})") from None
+            why = f"bad JSON: {exc.msg} at line {exc.lineno}"
+            raise InputError(field, f"{path} is not a latency table ({why})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(field, f"{path} is not a latency table (expected format {FORMAT})")
         if key is not None and data.get("key") != key:
