@@ -33,7 +33,9 @@ from autocompress.technique import Stage
 ROOT = Path(__file__).resolve().parents[1]
 TOME_SOURCE = ROOT / "examples" / "tome_plugin"
 #: 196 patch tokens (28x28 in 2x2 patches): enough tokens for merging to pay, unlike the 16-token demo model
-MANY_TOKENS_VIT = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=3)
+# wide enough that the per-token GEMMs, not the matching itself, dominate a block: merging 48 tokens per block is
+# then ~1.8x here (dim 96 gave 1.39x here and 1.23x on the CI machine, too close to the claim below)
+MANY_TOKENS_VIT = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=192, depth=4, num_heads=3)
 
 
 @pytest.fixture(scope="module")
