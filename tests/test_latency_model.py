@@ -322,6 +322,13 @@ def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp
     if len(pareto):
         assert pareto["latency_ms"].notna().all() and (pareto["latency_ms"] <= limit).all()
         assert pareto["skipped"].isna().all()
+        # and the report's Pareto table shows the prediction beside the measurement
+        page = (tmp_path / "run" / "report.html").read_text()
+        table = page[page.index('<table id="pareto"'):]
+        table = table[:table.index("</table>")]
+        assert "predicted ms" in table and "latency ms (measured)" in table
+        first = pareto.iloc[0]
+        assert f"<td class=num>{first['predicted_latency_ms']:.2f}</td>" in table
     # the search used the table in the cache
     assert len(list((tmp_path / "cache" / "latency_tables").glob("*.json"))) == 1
 

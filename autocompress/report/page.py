@@ -209,8 +209,12 @@ def _pareto_table(run: RunData) -> str:
     if run.pareto.empty:
         return '<p id="pareto-empty">Empty: no trial met the budget.</p>'
     base_mem = run.baseline.get("memory_mb")
+    # with the latency model on, the table shows the prediction next to the end-to-end measurement it was checked by
+    predicted = "predicted_latency_ms" in run.pareto and bool(
+        pd.to_numeric(run.pareto["predicted_latency_ms"], errors="coerce").notna().any())
     head = ("<tr><th class=num>trial</th><th class=num>val acc</th><th class=num>test acc</th>"
-            "<th class=num>test vs uncompressed (points)</th><th class=num>latency ms</th><th class=num>speedup</th>"
+            "<th class=num>test vs uncompressed (points)</th><th class=num>latency ms (measured)</th>"
+            + ("<th class=num>predicted ms</th>" if predicted else "") + "<th class=num>speedup</th>"
             "<th class=num>memory MB</th><th class=num>of uncompressed</th><th>policy</th><th>simulated formats</th></tr>")
     rows = []
     for i, row in run.pareto.iterrows():
@@ -223,7 +227,9 @@ def _pareto_table(run: RunData) -> str:
             f'<tr data-trial="{int(row["number"])}"{" class=chosen" if i == 0 else ""}>'
             f'<td class=num>{int(row["number"])}</td><td class=num>{_pct(row["val_accuracy"])}</td>'
             f"<td class=num>{_pct(test)}</td><td class=num>{_num(gain, 2, signed=True)}</td>"
-            f"<td class=num>{_num(row.get('latency_ms'), 2)}</td><td class=num>{_x(row.get('speedup'))}</td>"
+            f"<td class=num>{_num(row.get('latency_ms'), 2)}</td>"
+            + (f"<td class=num>{_num(row.get('predicted_latency_ms'), 2)}</td>" if predicted else "")
+            + f"<td class=num>{_x(row.get('speedup'))}</td>"
             f"<td class=num>{_num(mem, 3)}</td>"
             f"<td class=num>{_pct(mem / base_mem if _finite(mem) and base_mem else None, 0)}</td>"
             f"<td>{escape(str(row.get('policy') or ''))}{_baseline_tag(row)}</td>"
