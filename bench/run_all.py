@@ -2,7 +2,9 @@
 
     python bench/run_all.py [--only NAME ...] [--quick]
 
-Writes bench/results/*.json (one per benchmark) and bench/results/SUMMARY.md.
+Writes bench/results/*.json (one per benchmark), each benchmark's printed tables to bench/results/NAME.md, and
+bench/results/SUMMARY.md: every NAME.md present, in the order below (so ``--only`` refreshes some sections and keeps
+the others, each with the date it was taken).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +25,19 @@ BENCHMARKS = {
     "pruning": ("pruning.py", [], []),
     "distillation": ("distillation_recovery.py", [], ["--skip-fixed", "--steps", "50"]),
     "latency_model": ("latency_model.py", [], []),
+    "memory_accounting": ("memory_accounting.py", [], ["--policies", "10"]),
     "deit_budget": ("deit_budget.py", [], ["--trials", "20"]),
     "search_quality": ("search_quality.py", [], ["--trials", "20", "--random-factor", "2", "--budgets", "0.5"]),
     "overhead": ("overhead.py", [], ["--trials", "8"]),
     "distributed": ("distributed.py", [], []),
 }
+
+
+def tables(stdout: str) -> str:
+    """What a benchmark printed for people (headings, markdown tables, summary lines), without its progress lines."""
+    keep = [line for line in stdout.splitlines()
+            if not line.strip() or line.startswith(("#", "|", "quality", "wall-clock", "note", "target"))]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(keep)).strip("\n")
 
 
 def main() -> None:
@@ -35,26 +46,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer trials and repeats (minutes, not an hour)")
     args = parser.parse_args()
     names = args.only or list(BENCHMARKS)
-    sections = [f"# autocompress benchmarks, {datetime.date.today().isoformat()}\n"]
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
     failed = []
     for name in names:
         script, normal, quick = BENCHMARKS[name]
         if not (HERE / script).is_file():
-            sections.append(f"## {name}\n\n(not present)\n")
             continue
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else normal)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        body = "\n".join(l for l in proc.stdout.splitlines() if l.startswith(("#", "|", "quality", "wrote", "")))
+        body = tables(proc.stdout)
         print(proc.stdout[-4000:])
         if proc.returncode != 0:
             failed.append(name)
             print(proc.stderr[-2000:], file=sys.stderr)
             body += f"\n\nFAILED (exit {proc.returncode})"
-        sections.append(f"## {name}\n{body}\n")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "SUMMARY.md").write_text("\n".join(sections))
-    print(f"wrote {HERE / 'results' / 'SUMMARY.md'}")
+        taken = f"taken {datetime.datetime.now().isoformat(timespec='minutes')}{' (--quick)' if args.quick else ''}"
+        (results / f"{name}.md").write_text(f"## {name}\n\n{taken}: `{' '.join(cmd[1:])}`\n\n{body}\n")
+    sections = ["# autocompress benchmarks\n"]
+    sections += [(results / f"{n}.md").read_text() for n in BENCHMARKS if (results / f"{n}.md").is_file()]
+    (results / "SUMMARY.md").write_text("\n".join(sections))
+    print(f"wrote {results / 'SUMMARY.md'}")
     sys.exit(1 if failed else 0)
 
 
