@@ -40,6 +40,33 @@ class SearchResult:
         return self.best_policy is not None
 
 
+#: how far the uncompressed model's own trial may measure from the baseline before a run warns about its timings
+DRIFT_TOLERANCE = 0.25
+
+
+def timing_drift(frame: pd.DataFrame, baseline_latency_ms: float) -> str | None:
+    """A warning when the uncompressed model, timed again as a trial, disagrees with the baseline measured at the start.
+
+    Every speedup and every relative latency budget hangs on that baseline; when the two differ by more than
+    :data:`DRIFT_TOLERANCE` the machine's load changed during the run (another process, a spinning OpenMP pool) and
+    the measured latencies are not comparable with each other. None when they agree or when there is nothing to
+    compare.
+    """
+    if not len(frame) or "baseline" not in frame or not math.isfinite(baseline_latency_ms) or baseline_latency_ms <= 0:
+        return None
+    rows = frame[(frame["baseline"] == "uncompressed")]
+    latency = pd.to_numeric(rows["latency_ms"], errors="coerce").dropna()
+    if latency.empty:
+        return None
+    ratio = float(latency.iloc[0]) / baseline_latency_ms
+    if abs(math.log(ratio)) <= math.log1p(DRIFT_TOLERANCE):
+        return None
+    return (f"the uncompressed model measured {float(latency.iloc[0]):.2f} ms as trial "
+            f"{int(rows.loc[latency.index[0], 'number'])} but {baseline_latency_ms:.2f} ms at the start "
+            f"({ratio:.2f}x): the machine's load changed during the run, so latencies and speedups are not comparable "
+            "(run on a quiet machine; see README 'When things go wrong')")
+
+
 def trials_frame(rows: Iterable[dict[str, Any]], baseline_latency_ms: float) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows))
     for col in RECORD_COLUMNS:

@@ -23,7 +23,7 @@ from autocompress.config import config_from_dict
 from autocompress.data import Split
 from autocompress.report import PLOT_FILES, load_run, write_report
 from autocompress.report.layers import layer_picture
-from autocompress.results import trials_frame
+from autocompress.results import timing_drift, trials_frame
 from autocompress.runner import Baseline
 
 PLOT_IDS = ("plot-accuracy-latency", "plot-accuracy-memory", "plot-best-so-far", "plot-policy")
@@ -229,6 +229,26 @@ def test_a_run_with_no_feasible_policy_says_so_at_the_top(tmp_path):
     assert "plot-policy" not in page.images
     assert not (run / "plots" / PLOT_FILES["plot-policy"]).exists()
     assert_self_contained(page, run)
+    assert "timing-drift" not in page.ids, "10.2 ms against a 10 ms baseline is within the noise"
+
+
+def test_a_run_whose_timings_drifted_says_so_at_the_top(tmp_path):
+    """The uncompressed model timed again as trial 0 at 2.6x the baseline: the machine's load changed, so every
+    speedup on the page is suspect, and the page (and the search's log) say so before anything else."""
+    fmt = "blocks.0.attn.qkv:quantization.format"
+    rows = [
+        record(0, baseline="uncompressed", latency_ms=26.0, memory_mb=2.0, skipped="latency over budget",
+               policy="uncompressed", **{fmt: "fp32"}),
+        record(1, latency_ms=4.0, memory_mb=1.0, feasible=True, val_accuracy=0.84, **{fmt: "bf16"}),
+    ]
+    run = write_run(tmp_path / "drift", rows, budget="latency=0.5x", pareto=[1])
+    page = parse(write_report(run))
+    warning = page.text["timing-drift"]
+    assert "26.00 ms as trial 0 but 10.00 ms at the start (2.60x)" in warning, warning
+    assert page.order.index("timing-drift") < page.order.index("h2")
+    assert timing_drift(trials_frame(rows, 10.0), 10.0) is not None
+    assert timing_drift(trials_frame(rows, 10.0), 24.0) is None, "within 25% of the baseline"
+    assert timing_drift(trials_frame(rows[1:], 10.0), 10.0) is None, "no uncompressed trial: nothing to compare"
 
 
 def many_techniques_run(tmp_path: Path) -> Path:

@@ -15,6 +15,7 @@ import pandas as pd
 from autocompress.report.layers import LayerPicture, format_value
 from autocompress.report.plots import UNITS, Picture
 from autocompress.report.rundata import RunData
+from autocompress.results import timing_drift
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
@@ -25,6 +26,7 @@ h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 8px;border-bott
 .verdict.ok{background:#eaf4ea;border-left:5px solid #3a8a3a}
 .verdict.none{background:#fdecea;border-left:5px solid #c0392b}
 .verdict.progress{background:#fff6e0;border-left:5px solid #e0a800}
+.verdict.warn{background:#fff6e0;border-left:5px solid #b35900;font-size:15px}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(210px,1fr));gap:12px;margin:10px 0}
 .card{border:1px solid #e3e3e3;border-radius:6px;padding:10px 14px}
 .card h3{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#777;margin:0 0 4px}
@@ -115,6 +117,9 @@ def _verdict(run: RunData) -> str:
         lines.append(f'<p class="verdict ok" id="verdict">{escape(text)}</p>')
     elif n or run.finished:
         lines.append(f'<p class="verdict none" id="verdict">{escape(_no_feasible_statement(run))}</p>')
+    drift = timing_drift(run.trials, run.baseline.get("latency_ms", math.nan))
+    if drift:
+        lines.append(f'<p class="verdict warn" id="timing-drift"><strong>Timings unstable:</strong> {escape(drift)}.</p>')
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from autocompress.evaluate import accuracy
 from autocompress.io import atomic_write_csv, atomic_write_text
 from autocompress.policy import _yaml_where
 from autocompress.results import (
-    SearchResult, closest_to_budget, params_of, pareto_front, summary_table, trials_frame,
+    SearchResult, closest_to_budget, params_of, pareto_front, summary_table, timing_drift, trials_frame,
 )
 from autocompress.runner import RunContext, prepare
 
@@ -122,6 +122,9 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
     """From trial rows to the result: Pareto front, test accuracy of its members, files."""
     metric = run.budget.metric
     frame = trials_frame(rows, run.baseline.latency_ms)
+    drift = timing_drift(frame, run.baseline.latency_ms)
+    if drift:
+        log(f"warning: {drift}")
     front = pareto_front(frame, metric)
     baseline = run.baseline.to_dict()
     baseline["test_accuracy"] = accuracy(run.model, run.data.test)
