@@ -23,6 +23,7 @@ BENCHMARKS = {
     "quantization_kernels": ("quantization_kernels.py", [], ["--repeats", "7"]),
     "lowrank": ("lowrank.py", [], []),
     "pruning": ("pruning.py", [], []),
+    "token_merging": ("token_merging.py", [], ["--repeats", "7"]),
     "distillation": ("distillation_recovery.py", [], ["--skip-fixed", "--steps", "50"]),
     "latency_model": ("latency_model.py", [], []),
     "memory_accounting": ("memory_accounting.py", [], ["--policies", "10"]),
