@@ -21,6 +21,7 @@ is (the knob's identity value) is always one of the choices, so the uncompressed
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,47 @@ class ResolvedSpace:
                 out[f"uniform {tech}.{knob}={value}"] = params
         out.update(self.extra_baselines)
         return out
+
+    def composed_baseline(self, costs: Mapping[str, float]) -> dict[str, Any] | None:
+        """Each per-layer knob at the value whose uniform baseline measured cheapest, all in one policy.
+
+        ``costs`` maps the labels of :meth:`uniform_baselines` (and ``"uncompressed"``) to the budgeted cost each
+        measured (NaN when not measured). A knob keeps its identity where no uniform value beat the uncompressed
+        model; global options are taken from the cheapest baseline of all. This is the fastest (or smallest) policy
+        the measured single-technique baselines point to: a tight budget that no single technique meets is often met
+        by composing them, and a search seeded with it starts from a feasible corner. None when nothing beat the
+        uncompressed model.
+        """
+        def cost(label: str) -> float:
+            value = costs.get(label, math.nan)
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+        base = cost("uncompressed")
+        baselines = self.uniform_baselines()
+        params = self.identities
+        changed = False
+        groups: dict[tuple[str, str], list[Dimension]] = {}
+        for dim in self.dimensions:
+            if dim.layer is not None:
+                groups.setdefault((dim.technique, dim.knob), []).append(dim)
+        for (tech, knob), dims in groups.items():
+            prefix = f"uniform {tech}.{knob}="
+            labels = [label for label in baselines if label.startswith(prefix)]
+            best = min(labels, key=cost, default=None)
+            if best is None or not cost(best) < base:
+                continue
+            for d in dims:
+                value = baselines[best][d.name]
+                if value != d.identity:
+                    params[d.name] = value
+                    changed = True
+        cheapest = min(baselines, key=cost, default=None)
+        if cheapest is not None and cost(cheapest) < base:
+            for d in self.dimensions:
+                if d.layer is None and baselines[cheapest][d.name] != d.identity:
+                    params[d.name] = baselines[cheapest][d.name]
+                    changed = True
+        return params if changed else None
 
     def size(self) -> int:
         n = 1

@@ -95,6 +95,45 @@ def enqueue_baselines(study: optuna.Study, run: RunContext) -> int:
     return len(queued)
 
 
+COMPOSED = "composed: each knob's cheapest uniform value"
+
+
+def enqueue_composed(study: optuna.Study, run: RunContext) -> bool:
+    """Once every enqueued baseline has finished, queue one more: each knob at the value whose uniform baseline
+    measured cheapest (:meth:`ResolvedSpace.composed_baseline`). Measured, so it is machine-aware (bf16 on one CPU,
+    int8 on another) and it gives the sampler a start in the corner a tight budget needs, which random draws over
+    dozens of per-layer knobs rarely reach. Queued once per study (a study attribute says so, also across resumes);
+    two workers of a shared storage finishing the last baselines at the same moment may both queue it."""
+    if not run.config.search.baselines or study.user_attrs.get("composed"):
+        return False
+    labels = {"uncompressed", *run.space.uniform_baselines()}
+    metric = run.budget.metric
+    costs: dict[str, float] = {}
+    for t in study.get_trials(deepcopy=False):
+        label = t.user_attrs.get("baseline")
+        if label not in labels:
+            continue
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            return False
+        cost = _cost(t.user_attrs.get(metric))
+        if not math.isfinite(cost) and metric == "latency_ms":  # skipped on its prediction
+            cost = _cost(t.user_attrs.get("predicted_latency_ms"))
+        costs[label] = cost
+    if set(costs) != labels:
+        return False
+    study.set_user_attr("composed", True)
+    params = run.space.composed_baseline(costs)
+    if params is None or params == run.space.uncompressed() or params in run.space.uniform_baselines().values():
+        return False
+    study.enqueue_trial(params, user_attrs={"baseline": COMPOSED})
+    return True
+
+
+def composed_callback(run: RunContext) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """For ``study.optimize(callbacks=...)``: called after each trial is finished (no longer RUNNING)."""
+    return lambda study, _trial: enqueue_composed(study, run)
+
+
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
             and not t.user_attrs.get("interrupted")]
@@ -156,7 +195,7 @@ def run_optuna(
     remaining = run.config.search.trials - len(finished_trials(study))
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, timeout=run.config.search.timeout_s,
-                       catch=(_TrialFailed,), gc_after_trial=True)
+                       catch=(_TrialFailed,), gc_after_trial=True, callbacks=[composed_callback(run)])
     return study
 
 

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.runner import Baseline, RunContext
 from autocompress.search.optuna_backend import (
-    STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, fail_interrupted, make_objective,
+    STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_composed, fail_interrupted, make_objective,
     make_pruner, make_sampler,
 )
 from autocompress.search.progress import TrialProgress
@@ -153,6 +153,8 @@ def run_shared(
     def stop_when_full(study: optuna.Study, _: FrozenTrial) -> None:
         if quota_reached(study, total):
             study.stop()
+        else:
+            enqueue_composed(study, run)
 
     try:
         if not quota_reached(study, total):
