@@ -217,46 +217,57 @@ class ResolvedSpace:
         out.update(self.extra_baselines)
         return out
 
-    def composed_baseline(self, costs: Mapping[str, float]) -> dict[str, Any] | None:
-        """Each per-layer knob at the value whose uniform baseline measured cheapest, all in one policy.
+    def composed_baselines(self, costs: Mapping[str, float], limit: float = 0.0,
+                           margin: float = 0.8) -> dict[str, dict[str, Any]]:
+        """Policies that compose the measured baselines, from the least to the most compressed, aimed at a budget.
 
         ``costs`` maps the labels of :meth:`uniform_baselines` (and ``"uncompressed"``) to the budgeted cost each
-        measured (NaN when not measured). A knob keeps its identity where no uniform value beat the uncompressed
-        model; global options are taken from the cheapest baseline of all. This is the fastest (or smallest) policy
-        the measured single-technique baselines point to: a tight budget that no single technique meets is often met
-        by composing them, and a search seeded with it starts from a feasible corner. None when nothing beat the
-        uncompressed model.
+        measured (NaN when not measured); ``limit`` is the budget in the same unit. The chain starts from the
+        cheapest baseline and adds, one at a time, the cheapest uniform value of each knob that baseline leaves
+        untouched, most effective first; it stops at the first policy whose cost, estimated as the product of the
+        measured ratios, is within ``margin`` x the limit (or when no knob is left). Only measured numbers go in,
+        so the chain follows the machine (bf16 first on one CPU, int8 on another); the estimate only decides where
+        the chain stops, and every policy in it is measured like any other trial.
+
+        A tight budget that no single technique meets is usually met by composing them, in a corner that random
+        draws over dozens of per-layer knobs rarely reach: a search seeded with the chain starts next to it.
+        Labels say what was composed (``"composed: bf16 everywhere + pruning.mlp=0.5"``). Empty when no baseline
+        beat the uncompressed model.
         """
         def cost(label: str) -> float:
             value = costs.get(label, math.nan)
             return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
         base = cost("uncompressed")
-        baselines = self.uniform_baselines()
-        params = self.identities
-        changed = False
+        baselines = {label: params for label, params in self.uniform_baselines().items() if cost(label) < base}
+        if not baselines or not math.isfinite(base) or base <= 0:
+            return {}
+        start = min(baselines, key=cost)
+        params = dict(baselines[start])
         groups: dict[tuple[str, str], list[Dimension]] = {}
         for dim in self.dimensions:
             if dim.layer is not None:
                 groups.setdefault((dim.technique, dim.knob), []).append(dim)
+        additions = []  # (ratio, label, dims) of each knob the start leaves untouched
         for (tech, knob), dims in groups.items():
-            prefix = f"uniform {tech}.{knob}="
-            labels = [label for label in baselines if label.startswith(prefix)]
-            best = min(labels, key=cost, default=None)
-            if best is None or not cost(best) < base:
+            if any(params[d.name] != d.identity for d in dims):
                 continue
+            labels = [label for label in baselines if label.startswith(f"uniform {tech}.{knob}=")]
+            if labels:
+                best = min(labels, key=cost)
+                additions.append((cost(best) / base, best, dims))
+        additions.sort(key=lambda a: a[0])
+        out: dict[str, dict[str, Any]] = {}
+        ratio, name = cost(start) / base, start
+        for step_ratio, label, dims in additions:
+            if ratio * base <= margin * limit:
+                break
             for d in dims:
-                value = baselines[best][d.name]
-                if value != d.identity:
-                    params[d.name] = value
-                    changed = True
-        cheapest = min(baselines, key=cost, default=None)
-        if cheapest is not None and cost(cheapest) < base:
-            for d in self.dimensions:
-                if d.layer is None and baselines[cheapest][d.name] != d.identity:
-                    params[d.name] = baselines[cheapest][d.name]
-                    changed = True
-        return params if changed else None
+                params[d.name] = baselines[label][d.name]
+            ratio *= step_ratio
+            name += " + " + label.removeprefix("uniform ")
+            out[f"composed: {name}"] = dict(params)
+        return out
 
     def size(self) -> int:
         n = 1

@@ -9,7 +9,7 @@ Random sampling does not look at the budget, so one random run serves every budg
 (every trial within it is evaluated for accuracy, so every trial within a tighter one is too), and its best policy
 for a tighter budget is the best-validation Pareto point whose measured latency is within that budget.
 
-    python bench/search_quality.py [--trials 40] [--random-factor 5] [--budgets 0.5,0.25]
+    python bench/search_quality.py [--trials 40] [--random-factor 5] [--budgets 0.5,0.25] [--reuse-random]
 """
 
 from __future__ import annotations
@@ -40,6 +40,22 @@ def run_search(budget: float, sampler: str, trials: int, tag: str, baselines: bo
                                progress=True, log=lambda s: None)
 
 
+class SavedRun:
+    """The parts of a finished run's result that this benchmark reads, from its run directory."""
+
+    def __init__(self, out: Path) -> None:
+        import pandas as pd
+        import yaml
+
+        self.trials = pd.read_csv(out / "trials.csv")
+        self.pareto = pd.read_csv(out / "pareto.csv")
+        self.baseline = yaml.safe_load((out / "baseline.yaml").read_text())
+
+    @property
+    def best(self) -> dict | None:
+        return None if self.pareto.empty else self.pareto.iloc[0].to_dict()
+
+
 def best_row(result: autocompress.SearchResult, budget: float | None = None) -> dict:
     """The best feasible policy; with ``budget``, the best one whose latency is within ``budget`` x the run's
     uncompressed latency (a Pareto point of the run, so its test accuracy is in ``pareto``)."""
@@ -55,11 +71,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--random-factor", type=int, default=5)
     parser.add_argument("--budgets", default="0.5,0.25")
+    parser.add_argument("--reuse-random", action="store_true",
+                        help="read the random search from its run directory when it finished before (it does not "
+                             "depend on the joint search's code, and it is the longest part)")
     args = parser.parse_args()
     report = {}
     budgets = [float(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
-    rand = run_search(max(budgets), "random", args.trials * args.random_factor, "random", baselines=False)
+    saved = RUNS / f"quality-random-{max(budgets):g}x"
+    if args.reuse_random and (saved / "pareto.csv").is_file():
+        rand = SavedRun(saved)
+        if len(rand.trials) != args.trials * args.random_factor:
+            sys.exit(f"{saved} holds {len(rand.trials)} random trials, not {args.trials * args.random_factor}")
+        print(f"random search: reusing the finished run in {saved}")
+    else:
+        rand = run_search(max(budgets), "random", args.trials * args.random_factor, "random", baselines=False)
     seconds = {"random": time.perf_counter() - started}
     for budget in budgets:
         started = time.perf_counter()

@@ -102,30 +102,36 @@ def test_space_resolves_to_stable_dimensions_with_identity_first(plugins):
     assert uniform["bf16 everywhere"]["quantization.compute"] == "bf16"
 
 
-def test_composed_baseline_takes_each_knobs_cheapest_measured_uniform_value(plugins):
+def test_composed_baselines_chain_the_cheapest_measured_values_toward_the_budget(plugins):
     space = SearchSpace.load("vit").resolve(make_tiny_vit(), plugins.techniques)
     uniform = space.uniform_baselines()
     costs = {label: 100.0 for label in uniform} | {"uncompressed": 100.0}
     costs |= {
-        "uniform quantization.format=bf16": 80.0, "uniform quantization.format=int8_dynamic": 60.0,  # int8 wins
+        "bf16 everywhere": 50.0,  # the cheapest of all: the chain starts from it, per-layer formats included
+        "uniform quantization.format=int8_dynamic": 60.0,  # format is set by the start: not added again
+        "uniform pruning.mlp=0.25": 70.0, "uniform pruning.mlp=0.5": 75.0,  # most effective addition: first
         "uniform lowrank.rank=0.5": 90.0, "uniform lowrank.rank=0.25": float("nan"),  # not measured: not chosen
-        "uniform pruning.mlp=0.25": 70.0, "uniform pruning.mlp=0.5": 75.0,
-        "uniform pruning.heads=0.34": 120.0, "uniform pruning.heads=0.67": 130.0,  # slower than uncompressed: kept
-        "bf16 everywhere": 50.0,  # cheapest of all: its global option comes along, not its per-layer formats
+        "uniform pruning.heads=0.34": 120.0, "uniform pruning.heads=0.67": 130.0,  # slower than uncompressed
     }
-    params = space.composed_baseline(costs)
-    by = lambda knob: {v for k, v in params.items() if k.endswith(f":{knob}") and not k.startswith("head")}  # noqa: E731
-    assert by("quantization.format") == {"int8_dynamic"}
-    assert params["head:quantization.format"] == "fp32", "the head offers no int8: it stays"
+    chain = space.composed_baselines(costs, limit=20.0)  # 0.5 x 0.7 x 0.9 = 0.315: never within 0.8 x 0.2
+    assert list(chain) == ["composed: bf16 everywhere + pruning.mlp=0.25",
+                           "composed: bf16 everywhere + pruning.mlp=0.25 + lowrank.rank=0.5"]
+    params = chain["composed: bf16 everywhere + pruning.mlp=0.25 + lowrank.rank=0.5"]
+
+    def values(knob: str) -> set:
+        return {params[d.name] for d in space.dimensions if d.knob == knob and d.layer != "head"}
+
+    assert values("format") == {"bf16"} and params["quantization.compute"] == "bf16"
+    assert values("mlp") == {0.25} and values("heads") == {1.0}
     rank = [d for d in space.dimensions if d.knob == "rank"]
     assert all(params[d.name] == (0.5 if 0.5 in d.choices else d.identity) for d in rank), "where it is offered"
-    assert by("lowrank.rank") == {0.5, 1.0}
-    assert by("pruning.mlp") == {0.25}
-    assert by("pruning.heads") == {1.0}
-    assert params["quantization.compute"] == "bf16"
     assert all(params[d.name] == d.identity for d in space.dimensions if d.technique == "distillation")
-    # nothing beat the uncompressed model: no composed baseline
-    assert space.composed_baseline({label: 100.0 for label in [*uniform, "uncompressed"]}) is None
+    # a looser budget stops the chain as soon as the estimate is within 0.8 x the limit: 0.5 x 0.7 <= 0.8 x 0.45
+    assert list(space.composed_baselines(costs, limit=45.0)) == ["composed: bf16 everywhere + pruning.mlp=0.25"]
+    # the cheapest baseline alone is within budget: nothing to compose
+    assert space.composed_baselines(costs, limit=90.0) == {}
+    # nothing beat the uncompressed model: nothing to compose
+    assert space.composed_baselines({label: 100.0 for label in [*uniform, "uncompressed"]}, limit=20.0) == {}
 
 
 def test_space_pattern_matching_nothing_is_an_error(plugins):

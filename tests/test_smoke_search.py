@@ -20,12 +20,10 @@ def test_tiny_end_to_end_search_writes_a_run_directory(tiny_config, tmp_path):
         assert (run / "best_policy.yaml").is_file()
 
 
-def test_after_the_baselines_the_search_tries_each_knobs_cheapest_uniform_value_composed(tiny_config, tmp_path):
+def test_after_the_baselines_the_search_tries_their_composition(tiny_config, tmp_path):
     """A memory budget (exact costs, no timing noise): bf16 halves the Linears, MLP width 0.25 removes most of fc1
     and fc2; neither alone meets 0.35x, together they do. The composed baseline follows the uniform ones."""
     import yaml
-
-    from autocompress.search.optuna_backend import COMPOSED
 
     space = {"techniques": {
         "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))",
@@ -37,7 +35,10 @@ def test_after_the_baselines_the_search_tries_each_knobs_cheapest_uniform_value_
               "search": {"trials": 6, "sampler": "random", "seed": 0}}
     result = autocompress.search(config_from_dict(config), progress=False)
     trials = result.trials.set_index("number")
-    assert trials.loc[0, "baseline"] == "uncompressed" and trials.loc[4, "baseline"] == COMPOSED
+    assert trials.loc[0, "baseline"] == "uncompressed"
+    # bf16 and MLP 0.25 measure within 1% of each other here: either may start the chain, the other is added
+    assert trials.loc[4, "baseline"] in ("composed: uniform quantization.format=bf16 + pruning.mlp=0.25",
+                                         "composed: uniform pruning.mlp=0.25 + quantization.format=bf16")
     assert set(trials.loc[1:3, "baseline"]) == {
         "uniform quantization.format=bf16", "uniform pruning.mlp=0.5", "uniform pruning.mlp=0.25"}
     composed = trials.loc[4]

@@ -95,17 +95,15 @@ def enqueue_baselines(study: optuna.Study, run: RunContext) -> int:
     return len(queued)
 
 
-COMPOSED = "composed: each knob's cheapest uniform value"
-
-
-def enqueue_composed(study: optuna.Study, run: RunContext) -> bool:
-    """Once every enqueued baseline has finished, queue one more: each knob at the value whose uniform baseline
-    measured cheapest (:meth:`ResolvedSpace.composed_baseline`). Measured, so it is machine-aware (bf16 on one CPU,
-    int8 on another) and it gives the sampler a start in the corner a tight budget needs, which random draws over
-    dozens of per-layer knobs rarely reach. Queued once per study (a study attribute says so, also across resumes);
-    two workers of a shared storage finishing the last baselines at the same moment may both queue it."""
+def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
+    """Once every enqueued baseline has finished, queue the chain of compositions that
+    :meth:`ResolvedSpace.composed_baselines` builds from their measured costs toward the budget: the cheapest
+    baseline plus, one at a time, each other knob's cheapest uniform value. Measured, so it follows the machine, and
+    it gives the sampler starts in the corner a tight budget needs. Queued once per study (a study attribute says
+    so, also across resumes); two workers of a shared storage finishing the last baselines at the same moment may
+    both queue it. Returns how many were queued."""
     if not run.config.search.baselines or study.user_attrs.get("composed"):
-        return False
+        return 0
     labels = {"uncompressed", *run.space.uniform_baselines()}
     metric = run.budget.metric
     costs: dict[str, float] = {}
@@ -114,19 +112,19 @@ def enqueue_composed(study: optuna.Study, run: RunContext) -> bool:
         if label not in labels:
             continue
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
-            return False
+            return 0
         cost = _cost(t.user_attrs.get(metric))
         if not math.isfinite(cost) and metric == "latency_ms":  # skipped on its prediction
             cost = _cost(t.user_attrs.get("predicted_latency_ms"))
         costs[label] = cost
     if set(costs) != labels:
-        return False
+        return 0
     study.set_user_attr("composed", True)
-    params = run.space.composed_baseline(costs)
-    if params is None or params == run.space.uncompressed() or params in run.space.uniform_baselines().values():
-        return False
-    study.enqueue_trial(params, user_attrs={"baseline": COMPOSED})
-    return True
+    queued = 0
+    for label, params in run.space.composed_baselines(costs, run.limit).items():
+        study.enqueue_trial(params, user_attrs={"baseline": label})
+        queued += 1
+    return queued
 
 
 def composed_callback(run: RunContext) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
