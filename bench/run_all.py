@@ -45,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="fewer trials and repeats (minutes, not an hour)")
+    parser.add_argument("--reuse-random", action="store_true",
+                        help="search_quality: reuse its finished random-search run (the longest part)")
     args = parser.parse_args()
     names = args.only or list(BENCHMARKS)
     results = HERE / "results"
@@ -55,6 +57,8 @@ def main() -> None:
         if not (HERE / script).is_file():
             continue
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else normal)]
+        if args.reuse_random and name == "search_quality":
+            cmd.append("--reuse-random")
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         body = tables(proc.stdout)

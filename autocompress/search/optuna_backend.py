@@ -193,7 +193,7 @@ def run_optuna(
     remaining = run.config.search.trials - len(finished_trials(study))
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, timeout=run.config.search.timeout_s,
-                       catch=(_TrialFailed,), gc_after_trial=True, callbacks=[composed_callback(run)])
+                       catch=(_TrialFailed,), callbacks=[composed_callback(run)])
     return study
 
 

@@ -159,7 +159,7 @@ def run_shared(
     try:
         if not quota_reached(study, total):
             study.optimize(guarded, n_trials=None, timeout=run.config.search.timeout_s, catch=(_TrialFailed, _Surplus),
-                           callbacks=[stop_when_full], gc_after_trial=True)
+                           callbacks=[stop_when_full])
         wait_for_running(study, log)
     except KeyboardInterrupt:
         raise SearchInterrupted(rows_from_study(study)) from None
