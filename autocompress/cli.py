@@ -229,7 +229,7 @@ def _check_out_file(out: Path) -> None:
 def _apply(args: argparse.Namespace) -> int:
     from autocompress.compose import check_policy, save_compressed
     from autocompress.config import load_config
-    from autocompress.costs import measure_latency, memory_mb
+    from autocompress.costs import compare_latency, memory_mb
     from autocompress.evaluate import accuracy
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
@@ -251,8 +251,8 @@ def _apply(args: argparse.Namespace) -> int:
     if not args.no_measure:
         t = config.target
         example = example_batch(data, t.batch_size)
-        base_ms = measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms
-        comp_ms = measure_latency(compressed, example, t.threads, t.warmup, t.repeats).median_ms
+        timing = compare_latency({"base": model, "compressed": compressed}, example, t.threads, t.warmup, t.repeats)
+        base_ms, comp_ms = timing["base"].median_ms, timing["compressed"].median_ms  # interleaved: same load
         print(f"latency  {base_ms:8.2f} ms -> {comp_ms:8.2f} ms  ({base_ms / comp_ms:.2f}x, batch {t.batch_size}, "
               f"{t.threads} threads)")
         print(f"memory   {memory_mb(model):8.3f} MB -> {memory_mb(compressed):8.3f} MB")

@@ -50,6 +50,9 @@ class TargetConfig:
     batch_size: int = 256
     warmup: int = 3
     repeats: int = 10
+    # time each candidate in the same rounds as the uncompressed model and report baseline x their ratio, so load
+    # that drifts during a run hits both alike (twice the timing work); false: the candidate's own median
+    paired: bool = True
 
 
 @dataclass

@@ -64,6 +64,34 @@ def measure_latency(
     return Latency(statistics.median(samples), tuple(samples))
 
 
+def paired_ratio(
+    reference: nn.Module, candidate: nn.Module, example: torch.Tensor, threads: int | None = None,
+    warmup: int = 3, repeats: int = 10,
+) -> Latency:
+    """``candidate``'s time as a ratio to ``reference``'s, timed in the same rounds: each round runs both, in turns
+    (A B, then B A, so neither always runs second), and the result is the median of the rounds' ratios.
+
+    Load that drifts over seconds (another process, a busy host) slows both alike, so the ratio holds where two
+    medians taken a minute apart do not: here the same model measured 59 and 83 ms within one search.
+    ``samples_ms`` holds the per-round ratios (not milliseconds).
+    """
+    ratios = []
+    with num_threads(threads), torch.inference_mode():
+        for model in (reference, candidate):
+            model.eval()
+            for _ in range(warmup):
+                model(example)
+        for i in range(repeats):
+            times = {}
+            for name, model in ((("ref", reference), ("cand", candidate)) if i % 2 == 0 else
+                                (("cand", candidate), ("ref", reference))):
+                start = time.perf_counter()
+                model(example)
+                times[name] = time.perf_counter() - start
+            ratios.append(times["cand"] / times["ref"])
+    return Latency(statistics.median(ratios), tuple(ratios))
+
+
 def compare_latency(
     models: dict[str, nn.Module], example: torch.Tensor, threads: int | None = None, warmup: int = 3, repeats: int = 10
 ) -> dict[str, Latency]:

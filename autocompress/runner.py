@@ -18,7 +18,7 @@ from torch import nn
 from autocompress.budget import Budget
 from autocompress.compose import apply_policy, simulated_layers
 from autocompress.config import RunConfig
-from autocompress.costs import measure_latency, memory_mb
+from autocompress.costs import measure_latency, memory_mb, paired_ratio
 from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
 from autocompress.errors import InputError, TechniqueError
 from autocompress.evaluate import accuracy
@@ -80,7 +80,12 @@ class RunContext:
             return math.nan
 
     def measure(self, model: nn.Module) -> float:
+        """The candidate's latency in ms: with ``target.paired`` (default), the baseline latency times the
+        candidate's time ratio to the uncompressed model timed in the same rounds (:func:`paired_ratio`)."""
         t = self.config.target
+        if t.paired:
+            ratio = paired_ratio(self.model, model, self.example, t.threads, t.warmup, t.repeats).median_ms
+            return self.baseline.latency_ms * ratio
         return measure_latency(model, self.example, t.threads, t.warmup, t.repeats).median_ms
 
     def compress(self, policy: Policy, seed: int = 0, report=None) -> nn.Module:

@@ -5,7 +5,7 @@ import io
 import torch
 
 from autocompress.compose import apply_policy, save_compressed
-from autocompress.costs import compare_latency, measure_latency, weight_bytes
+from autocompress.costs import compare_latency, measure_latency, paired_ratio, weight_bytes
 from autocompress.policy import Policy
 from conftest import TINY_VIT, make_tiny_vit
 
@@ -68,3 +68,30 @@ def test_latency_measurement_sees_a_model_that_does_more_work():
     big = make_tiny_vit(depth=8, embed_dim=192, num_heads=3)
     lat = compare_latency({"small": small, "big": big}, torch.randn(64, 1, 28, 28), threads=1, warmup=2, repeats=7)
     assert lat["big"].median_ms > 2 * lat["small"].median_ms
+
+
+def test_paired_ratio_holds_when_the_machine_slows_down_halfway():
+    """Two models timed a minute apart disagree when load changes in between; timed in the same rounds, their ratio
+    does not. Here the 'machine' (a sleep in both forwards) gets 3x slower after a few calls."""
+    import time as _time
+
+    calls = {"n": 0}
+
+    class Slept(torch.nn.Module):
+        def __init__(self, ms: float) -> None:
+            super().__init__()
+            self.ms = ms
+
+        def forward(self, x):
+            calls["n"] += 1
+            _time.sleep(self.ms / 1000 * (3 if calls["n"] > 12 else 1))
+            return x
+
+    x = torch.zeros(1)
+    ratio = paired_ratio(Slept(10), Slept(5), x, warmup=1, repeats=9)
+    assert 0.4 < ratio.median_ms < 0.6, ratio
+    # the same two models, each timed on its own: the second one pays for the slowdown the first did not see
+    calls["n"] = 0
+    apart = measure_latency(Slept(5), x, warmup=1, repeats=9).median_ms / measure_latency(Slept(10), x, warmup=1,
+                                                                                          repeats=9).median_ms
+    assert not 0.4 < apart < 0.6, apart

@@ -210,7 +210,11 @@ def test_the_cli_refuses_sqlite_storage_and_ray_options_without_ray(tiny_config,
 
 
 def test_two_worker_processes_on_one_journal_share_the_trials_without_loss_or_duplication(tiny_config, tmp_path):
-    config = small_config(tiny_config, tmp_path, trials=6)
+    # trials long enough (~1 s of timing each) that the second worker, which may start seconds after the first
+    # (imports, data), still finds some left: with 0.3 s trials the first one sometimes ran all of them alone
+    n = 8
+    config = small_config(tiny_config, tmp_path, trials=n)
+    config["target"]["repeats"] = 150
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     journal = tmp_path / "shared" / "study.journal"
@@ -228,7 +232,7 @@ def test_two_worker_processes_on_one_journal_share_the_trials_without_loss_or_du
 
     tables = [read_trials(tmp_path / f"worker{i}") for i in range(2)]
     for trials in tables:
-        assert sorted(trials["number"]) == list(range(6))  # every trial once, none lost
+        assert sorted(trials["number"]) == list(range(n))  # every trial once, none lost
         assert trials["baseline"].dropna().is_unique  # baselines enqueued by one worker only
         assert trials.loc[trials["number"] == 0, "baseline"].item() == "uncompressed"
     assert list(tables[0]["policy"]) == list(tables[1]["policy"])
@@ -237,5 +241,5 @@ def test_two_worker_processes_on_one_journal_share_the_trials_without_loss_or_du
 
     study = optuna.load_study(study_name="autocompress", storage=open_storage(f"journal:{journal}"))
     counted = [t for t in study.trials if not t.user_attrs.get("surplus")]
-    assert [t.number for t in counted] == list(range(6))
+    assert [t.number for t in counted] == list(range(n))
     assert all(t.state.is_finished() for t in study.trials)
