@@ -198,15 +198,19 @@ class ResolvedSpace:
     def uncompressed(self) -> dict[str, Any]:
         return self.identities
 
-    def uniform_baselines(self) -> dict[str, dict[str, Any]]:
-        """One policy per technique knob and value, on every layer that offers it ('every layer bf16', 'rank 0.5'),
-        then the space file's named baselines."""
-        out: dict[str, dict[str, Any]] = {}
+    def layer_knobs(self) -> dict[tuple[str, str], list[Dimension]]:
+        """The per-layer dimensions grouped by ``(technique, knob)``, in the order they first appear."""
         groups: dict[tuple[str, str], list[Dimension]] = {}
         for dim in self.dimensions:
             if dim.layer is not None:
                 groups.setdefault((dim.technique, dim.knob), []).append(dim)
-        for (tech, knob), dims in groups.items():
+        return groups
+
+    def uniform_baselines(self) -> dict[str, dict[str, Any]]:
+        """One policy per technique knob and value, on every layer that offers it ('every layer bf16', 'rank 0.5'),
+        then the space file's named baselines."""
+        out: dict[str, dict[str, Any]] = {}
+        for (tech, knob), dims in self.layer_knobs().items():
             values: list[Any] = []
             for d in dims:
                 values += [v for v in d.choices if v not in values and v != d.identity]
@@ -246,12 +250,8 @@ class ResolvedSpace:
             return {}
         start = min(baselines, key=cost)
         params = dict(baselines[start])
-        groups: dict[tuple[str, str], list[Dimension]] = {}
-        for dim in self.dimensions:
-            if dim.layer is not None:
-                groups.setdefault((dim.technique, dim.knob), []).append(dim)
         additions = []  # (ratio, label, dims) of each knob the start leaves untouched
-        for (tech, knob), dims in groups.items():
+        for (tech, knob), dims in self.layer_knobs().items():
             if any(params[d.name] != d.identity for d in dims):
                 continue
             labels = [label for label in baselines if label.startswith(f"uniform {tech}.{knob}=")]
