@@ -395,3 +395,28 @@ def test_a_run_in_progress_shows_what_exists_and_says_so(tmp_path):
     assert page.trials_in("pareto") == [1, 3]  # trial 2 is beaten by trial 3 on both accuracy and latency
     assert "Best within budget: trial 1" in page.text["verdict"]
     assert "plot-policy" in page.images
+
+
+def test_long_composed_baseline_labels_do_not_collapse_the_plots(tmp_path):
+    """The demo's report warned 'constrained_layout not applied because axes sizes collapsed to zero': the label of
+    a composed baseline, written next to its point, was laid out as if it were part of the figure."""
+    import warnings
+
+    fmt = "blocks.0.attn.qkv:quantization.format"
+    long_label = "composed: bf16 everywhere + pruning.mlp=0.25 + lowrank.rank=0.25 + all the others"
+    rows = [
+        record(0, baseline="uncompressed", latency_ms=10.0, memory_mb=2.0, skipped="latency over budget",
+               **{fmt: "fp32"}),
+        record(1, baseline="uniform quantization.format=bf16", latency_ms=6.0, memory_mb=1.0,
+               skipped="latency over budget", **{fmt: "bf16"}),
+        record(2, baseline=long_label, latency_ms=4.9, memory_mb=0.5, feasible=True, val_accuracy=0.84,
+               **{fmt: "bf16"}),
+        # two more at the same spot on the right edge: their labels are joined into one long line there
+        record(3, baseline=long_label + " (a)", latency_ms=10.4, memory_mb=2.1, val_accuracy=0.86, **{fmt: "bf16"}),
+        record(4, baseline=long_label + " (b)", latency_ms=10.41, memory_mb=2.1, val_accuracy=0.86, **{fmt: "bf16"}),
+    ]
+    run = write_run(tmp_path / "composed", rows, budget="latency=0.5x", pareto=[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = parse(write_report(run))
+    assert {"plot-accuracy-latency", "plot-accuracy-memory"} <= set(page.images)

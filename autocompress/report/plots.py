@@ -254,12 +254,16 @@ def _draw_baselines(ax: Any, t: pd.DataFrame, x: pd.Series, acc: pd.Series, rug:
         else:
             labels.append([fx, fy, [_short(label)], x[i], y, transform, color, has_acc])
     for _, _, texts, lx, ly, transform, color, has_acc in labels:
-        ax.annotate(", ".join(texts), (lx, ly), xycoords=transform, xytext=(5, -10 if has_acc else 6),
-                    textcoords="offset points", fontsize=7, color=color)
+        note = ax.annotate(", ".join(texts), (lx, ly), xycoords=transform, xytext=(5, -10 if has_acc else 6),
+                           textcoords="offset points", fontsize=7, color=color)
+        note.set_in_layout(False)  # a long label near the edge must not squeeze the axes to nothing
 
 
 def _short(label: str) -> str:
-    """'uniform quantization.format=bf16' -> 'all format=bf16'."""
+    """'uniform quantization.format=bf16' -> 'all format=bf16'; a composed baseline by its size:
+    'composed: bf16 everywhere + pruning.mlp=0.25 + lowrank.rank=0.25' -> 'composed (3)'."""
+    if label.startswith("composed: "):
+        return f"composed ({label.count(' + ') + 1})"
     if not label.startswith("uniform "):
         return label
     setting = label[len("uniform "):]
