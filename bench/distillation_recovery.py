@@ -64,14 +64,19 @@ def with_steps(policy: Policy, steps: int) -> Policy:
     return policy
 
 
+def compress_and_time(config, model, data, techniques, policy: Policy, cache: dict, example, repeats: int):
+    """The compressed model and its latency as a ratio to the dense model's, the two timed interleaved."""
+    compressed = apply_policy(model, policy, techniques, make_apply_context(config, model, data, 0, cache))
+    lat = compare_latency({"dense": model, "compressed": compressed}, example, config.target.threads, 3, repeats)
+    return compressed, lat["compressed"].median_ms / lat["dense"].median_ms
+
+
 def fixed_policies(config, model, data, techniques, repeats: int) -> list[dict]:
     example = example_batch(data, config.target.batch_size)
     cache: dict = {}
     rows = []
     for label, policy in tight_policies(len(model.blocks)).items():
-        compressed = apply_policy(model, policy, techniques, make_apply_context(config, model, data, 0, cache))
-        lat = compare_latency({"dense": model, "compressed": compressed}, example, config.target.threads, 3, repeats)
-        ratio = lat["compressed"].median_ms / lat["dense"].median_ms
+        _, ratio = compress_and_time(config, model, data, techniques, policy, cache, example, repeats)
         for steps in STEPS:
             started = time.perf_counter()
             out = apply_policy(model, with_steps(policy, steps), techniques,
@@ -110,10 +115,8 @@ def best_under_budgets(config, model, data, techniques, budgets, steps: int, rep
     cache: dict = {}
     rows = []
     for label, policy in grid_policies(len(model.blocks)).items():
-        plain = apply_policy(model, policy, techniques, make_apply_context(config, model, data, 0, cache))
-        lat = compare_latency({"dense": model, "policy": plain}, example, config.target.threads, 3, repeats)
-        row = {"policy": label, "latency_ratio": lat["policy"].median_ms / lat["dense"].median_ms,
-               "val_plain": accuracy(plain, data.val), "val_distilled": None}
+        plain, ratio = compress_and_time(config, model, data, techniques, policy, cache, example, repeats)
+        row = {"policy": label, "latency_ratio": ratio, "val_plain": accuracy(plain, data.val), "val_distilled": None}
         if row["latency_ratio"] <= max(budgets):
             distilled = apply_policy(model, with_steps(policy, steps), techniques,
                                      make_apply_context(config, model, data, 0, cache))
