@@ -30,8 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.runner import Baseline, RunContext
 from autocompress.search.optuna_backend import (
-    STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_composed, fail_interrupted, make_objective,
-    make_pruner, make_sampler,
+    STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_composed, fail_interrupted,
+    make_objective, make_pruner, make_sampler,
 )
 from autocompress.search.progress import TrialProgress
 from autocompress.search.storage import open_storage
