@@ -22,6 +22,7 @@ import torch
 import autocompress
 from autocompress.cli import main
 from autocompress.config import config_from_dict
+from autocompress.errors import SearchInterrupted
 from autocompress.pluginmanager import load_plugins
 from autocompress.search import search  # the function autocompress.search(...) calls
 from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
@@ -288,3 +289,44 @@ def test_ctrl_c_stops_cleanly_and_saves_what_finished(cfg, tmp_path, capsys):
     code = main(["search", str(config), "--resume", "--no-progress"])
     assert code in (0, 3), capsys.readouterr().err
     check_resumed_run(run_dir, before, total=6)
+
+
+class _InterruptSoon:
+    """After each finished trial, send this process a SIGINT at a random moment within about one trial's time."""
+
+    __name__ = "interrupt-soon-test-plugin"
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.random = random.Random(seed)
+        self.timer: threading.Timer | None = None
+
+    @autocompress.hookimpl
+    def autocompress_trial_completed(self, record):
+        if self.timer is None:
+            delay = self.random.uniform(0.0, 1.2 * float(record.get("duration_s") or 0.5))
+            self.timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+            self.timer.start()
+
+
+def test_repeated_ctrl_c_at_random_moments_never_prints_a_traceback(cfg, tmp_path, capfd):
+    """Twenty searches, each interrupted at a random moment of a trial (in its compute, or while the trial is being
+    written to the storage): each stops with the finished trials saved, the cut one closed, and nothing on stderr."""
+    config = config_from_dict({**cfg, "space": "vit_memory", "budget": "memory=0.5x",
+                               "search": {**cfg["search"], "trials": 200, "sampler": "random"},
+                               "target": {**cfg["target"], "repeats": 3}})
+    for attempt in range(int(os.environ.get("AUTOCOMPRESS_INTERRUPTS", "20"))):
+        interrupter = _InterruptSoon(seed=attempt)
+        run_dir = tmp_path / f"run{attempt}"
+        with pytest.raises(SearchInterrupted):
+            search(config, out=run_dir, plugins=load_plugins(extra=[interrupter]), progress=False, log=lambda _: None)
+        interrupter.timer.join()
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "Error closing" not in err, (attempt, err[-3000:])
+        trials = stored_trials(run_dir / "study.db")
+        assert not [t for t in trials if t.state.name == "RUNNING"], attempt
+        saved = pd.read_csv(run_dir / "trials.csv")
+        finished = [t for t in trials if t.state.name in ("COMPLETE", "FAIL", "PRUNED")
+                    and not t.user_attrs.get("interrupted")]
+        assert sorted(saved["number"]) == sorted(t.number for t in finished), attempt

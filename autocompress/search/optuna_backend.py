@@ -16,6 +16,7 @@ from autocompress.config import SearchConfig
 from autocompress.errors import InputError
 from autocompress.runner import RunContext, TrialReport, evaluate_params, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
+from autocompress.search.storage import interruptible
 
 STUDY_NAME = "autocompress"
 _STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
@@ -50,7 +51,7 @@ def make_pruner(search: SearchConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
 
 
-def open_study(run: RunContext, storage: str, resume: bool) -> optuna.Study:
+def open_study(run: RunContext, storage: str | optuna.storages.BaseStorage, resume: bool) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     single = run.config.search.objective == "single"
     study = optuna.create_study(
@@ -183,7 +184,7 @@ def start_or_recover(study: optuna.Study, run: RunContext) -> None:
 
 def run_optuna(
     run: RunContext,
-    storage: str,
+    storage: str | optuna.storages.BaseStorage,
     resume: bool,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> optuna.Study:
@@ -222,7 +223,8 @@ def make_objective(
     def evaluate_trial(trial: optuna.Trial) -> float | tuple[float, float]:
         params = {d.name: trial.suggest_categorical(d.name, list(d.choices)) for d in dims}
         report = None if pruner == "none" else trial_report(study, trial, pruner, single, metric)
-        record = evaluate_params(run, params, trial.number, report=report)
+        with interruptible():  # the trial's own work; Ctrl-C elsewhere waits for the storage and Optuna
+            record = evaluate_params(run, params, trial.number, report=report)
         record.update(extra or {})
         record.setdefault("baseline", trial.user_attrs.get("baseline", ""))
         for key, value in record.items():

@@ -6,11 +6,13 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
 from tqdm.auto import tqdm
 
 from autocompress.errors import SearchInterrupted
 from autocompress.runner import RunContext
 from autocompress.search.optuna_backend import STUDY_NAME, mark_interrupted, run_optuna
+from autocompress.search.storage import ctrl_c_in_trials_only, local_storage
 
 
 def run(
@@ -25,7 +27,6 @@ def run(
         from autocompress.search.shared_study import run_shared
 
         return run_shared(run, run_dir, resume, progress=progress, log=log, storage=storage)
-    storage = f"sqlite:///{run_dir / 'study.db'}"
     total = run.config.search.trials
     bar = tqdm(total=total, desc="search", unit="trial", disable=not progress, dynamic_ncols=True)
     best = [math.nan]
@@ -42,22 +43,25 @@ def run(
         except Exception as exc:  # a listener's bug must not fail the trial
             log(f"warning: autocompress_trial_completed hook failed: {type(exc).__name__}: {exc}")
 
+    # One storage for the whole run, closed once at the end, after the interrupted path has read it too.
+    storage = local_storage(run_dir / "study.db")
     try:
-        study = run_optuna(run, storage, resume, on_trial=on_trial)
-    except KeyboardInterrupt as interrupt:  # the storage holds every finished trial; hand them back to be saved
-        import optuna
-
-        bar.close()
+        try:
+            with ctrl_c_in_trials_only():
+                study = run_optuna(run, storage, resume, on_trial=on_trial)
+            return rows_from_study(study)
+        except KeyboardInterrupt:
+            bar.close()
+        # the storage holds every finished trial; hand them back to be saved
         try:
             study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
-            mark_interrupted(study, "interrupted (Ctrl-C)")  # this process alone runs the study's trials
-            rows = rows_from_study(study)
-        except Exception:  # stopped before the study existed: nothing finished, nothing to save
-            raise interrupt from None
-        raise SearchInterrupted(rows) from None
+        except KeyError:  # stopped before the study existed: nothing finished, nothing to save
+            raise KeyboardInterrupt from None
+        mark_interrupted(study, "interrupted (Ctrl-C)")  # this process alone runs the study's trials
+        raise SearchInterrupted(rows_from_study(study)) from None
     finally:
         bar.close()
-    return rows_from_study(study)
+        storage.close()
 
 
 def rows_from_study(study) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from autocompress.search.optuna_backend import (
     make_objective, make_pruner, make_sampler,
 )
 from autocompress.search.progress import TrialProgress
-from autocompress.search.storage import open_storage
+from autocompress.search.storage import ctrl_c_in_trials_only, interrupt_safe, open_storage
 
 __all__ = ["run_shared", "counted_trials", "quota_reached", "is_surplus", "space_fingerprint"]
 
@@ -71,12 +71,12 @@ def space_fingerprint(run: RunContext) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def join_study(run: RunContext, url: str, resume: bool, log: Callable[[str], None] = print,
-               study_name: str = STUDY_NAME) -> tuple[optuna.Study, bool]:
-    """Create the shared study or join it; returns it and whether this worker created it."""
+def join_study(run: RunContext, storage: optuna.storages.BaseStorage, url: str, resume: bool,
+               log: Callable[[str], None] = print, study_name: str = STUDY_NAME) -> tuple[optuna.Study, bool]:
+    """Create the shared study in ``storage`` (opened from ``url``) or join it; returns it and whether this worker
+    created it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_failed_trial_warnings()
-    storage = open_storage(url)
     single = run.config.search.objective == "single"
     # every worker draws its own random numbers, or all would propose the same first policies
     seed = int(hashlib.sha256(f"{run.config.search.seed}:{worker_id()}".encode()).hexdigest()[:8], 16)
@@ -136,9 +136,16 @@ def run_shared(
     study_name: str = STUDY_NAME,
 ) -> list[dict[str, Any]]:
     """One worker of a shared study; returns the rows of the whole study once no trial is running anywhere."""
+    opened = interrupt_safe(open_storage(storage))  # closed once, when no call uses it any more
+    try:
+        return _work_on(run, join_study(run, opened, storage, resume, log, study_name)[0], progress, log)
+    finally:
+        opened.close()
+
+
+def _work_on(run: RunContext, study: optuna.Study, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from autocompress.search.optuna_search import rows_from_study
 
-    study, _ = join_study(run, storage, resume, log, study_name)
     total = run.config.search.trials
     listener = TrialProgress(run, total, progress, log, done=len(counted_trials(study)))
     objective = make_objective(run, study, listener, extra={"node": worker_id()})
@@ -157,9 +164,10 @@ def run_shared(
             enqueue_composed(study, run)
 
     try:
-        if not quota_reached(study, total):
-            study.optimize(guarded, n_trials=None, timeout=run.config.search.timeout_s, catch=(_TrialFailed, _Surplus),
-                           callbacks=[stop_when_full])
+        with ctrl_c_in_trials_only():
+            if not quota_reached(study, total):
+                study.optimize(guarded, n_trials=None, timeout=run.config.search.timeout_s,
+                               catch=(_TrialFailed, _Surplus), callbacks=[stop_when_full])
         wait_for_running(study, log)
     except KeyboardInterrupt:
         raise SearchInterrupted(rows_from_study(study)) from None

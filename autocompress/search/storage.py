@@ -16,14 +16,18 @@ single process keeps its SQLite ``study.db`` in the run directory and needs no `
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import optuna
 
 from autocompress.errors import InputError
 
-__all__ = ["open_storage", "study_user_attrs", "check_storage_url"]
+__all__ = ["open_storage", "study_user_attrs", "check_storage_url", "InterruptSafeStorage", "ctrl_c_in_trials_only",
+           "interrupt_safe", "interruptible", "local_storage"]
 
 FIELD = "--storage"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -81,3 +85,118 @@ def study_user_attrs(url: str, study_name: str) -> dict[str, Any] | None:
     except KeyError:
         return None
     return storage.get_study_user_attrs(study_id)
+
+
+# --- Ctrl-C inside a trial's work, never inside a storage write ---------------------------------------------------
+#
+# A KeyboardInterrupt that lands inside SQLAlchemy makes it invalidate the connection under a cursor it still holds;
+# closing that cursor later fails and SQLAlchemy logs "Error closing cursor ... Cannot operate on a closed database"
+# with a traceback. In a journal file it could cut a line in half, and inside Optuna's own bookkeeping after a trial
+# (``_tell_with_warning``) it leaves a local unset and turns into an UnboundLocalError. So while a search runs,
+# Ctrl-C is held back, except inside a trial's own work (:func:`interruptible`: compressing, timing, training),
+# where it stops the trial at once; storage calls made from there (an intermediate report) hold it again for their
+# length. A Ctrl-C held back is raised as soon as a region that allows it is entered or resumed, or when the
+# search ends.
+
+_regions: list[bool] = []  # innermost last: True where Ctrl-C is raised at once
+_pending = [False]
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    if _regions and not _regions[-1]:
+        _pending[0] = True
+        return
+    raise KeyboardInterrupt
+
+
+def _raise_pending() -> None:
+    if _pending[0]:
+        _pending[0] = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _region(allows: bool) -> Iterator[None]:
+    if not _regions:  # no search is guarding this process (or not in the main thread): Python's own handler
+        yield
+        return
+    _regions.append(allows)
+    try:
+        if allows:
+            _raise_pending()
+        yield
+    finally:
+        _regions.pop()
+        if _regions[-1]:
+            _raise_pending()
+
+
+def interruptible() -> contextlib.AbstractContextManager[None]:
+    """A trial's own work: Ctrl-C (also one held back before) stops it at once."""
+    return _region(True)
+
+
+@contextlib.contextmanager
+def ctrl_c_in_trials_only() -> Iterator[None]:
+    """For the length of a search: Ctrl-C waits until the work is in an :func:`interruptible` region, or until the
+    search ends. Only the main thread can set a signal handler; elsewhere this does nothing, and Python's own
+    handler stays."""
+    if threading.current_thread() is not threading.main_thread() or _regions:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    _regions.append(False)
+    _pending[0] = False
+    try:
+        yield
+    finally:
+        _regions.clear()
+        signal.signal(signal.SIGINT, previous)
+        _raise_pending()
+
+
+def _deferring(name: str) -> Callable[..., Any]:
+    def call(self: "InterruptSafeStorage", *args: Any, **kwargs: Any) -> Any:
+        with _region(False):
+            return getattr(self._inner, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+class InterruptSafeStorage(optuna.storages.BaseStorage):
+    """An Optuna storage whose every call finishes before a Ctrl-C is raised (see :func:`ctrl_c_in_trials_only`),
+    and which is closed once, by its owner, after the search has stopped using it (:meth:`close`)."""
+
+    def __init__(self, inner: optuna.storages.BaseStorage, close: Callable[[], None] | None = None) -> None:
+        self._inner = inner
+        self._close = close
+
+    def close(self) -> None:
+        """Release the connections (an RDB engine's pool); a second call does nothing."""
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+    for _name in sorted(n for n in dir(optuna.storages.BaseStorage)
+                        if not n.startswith("_") and callable(getattr(optuna.storages.BaseStorage, n))):
+        locals()[_name] = _deferring(_name)
+    del _name
+
+
+def interrupt_safe(storage: optuna.storages.BaseStorage) -> InterruptSafeStorage:
+    """``storage`` behind :class:`InterruptSafeStorage`; an RDB storage gets Optuna's trial cache in front (as
+    ``create_study`` gives a URL) and its connection pool released on :meth:`~InterruptSafeStorage.close`."""
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return InterruptSafeStorage(storage)
+
+    def dispose() -> None:
+        storage.remove_session()
+        storage.engine.dispose()
+
+    return InterruptSafeStorage(optuna.storages.get_storage(storage), close=dispose)
+
+
+def local_storage(db: Path) -> InterruptSafeStorage:
+    """The one-process search's SQLite ``study.db``; the caller closes it when the search is over."""
+    return interrupt_safe(optuna.storages.RDBStorage(f"sqlite:///{db}"))
