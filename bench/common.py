@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from autocompress.cpu import cpu_info
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Where the figures came from: date, CPU model, the kernels torch could use (capability, the flags that decide
+    bf16/int8 speed, any AVX2 caps) and the threads. Every result file carries it."""
+    info = cpu_info()
     return {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": info.model,
+        "cpu_kind": info.label,
+        "cpu_capability": info.capability,
+        "cpu_flags": list(info.flags),
+        "cpu_caps": info.caps,
+        "cores": info.cores,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 import torch
 
 from autocompress.compose import apply_policy, save_compressed
@@ -63,6 +64,7 @@ def test_latency_is_a_median_of_repeated_timed_runs():
     assert lat.median_ms > 0
 
 
+@pytest.mark.speed
 def test_latency_measurement_sees_a_model_that_does_more_work():
     small = make_tiny_vit()
     big = make_tiny_vit(depth=8, embed_dim=192, num_heads=3)

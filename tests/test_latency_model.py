@@ -162,6 +162,7 @@ def _uniform(space, **knobs) -> dict:
     return params
 
 
+@pytest.mark.speed
 def test_prediction_error_is_small_where_flops_or_a_missing_residual_are_far_off(all_plugins, tmp_path):
     """Predicted vs measured latency of policies mixing formats, ranks and structural width. A FLOPs-proportional
     predictor (blind to numeric formats and to what a FLOP costs on this CPU), one that forgets the residual (norms,
@@ -224,10 +225,19 @@ def test_prediction_error_is_small_where_flops_or_a_missing_residual_are_far_off
               for name, pred in predictions.items()}
     detail = {k: (round(measured[k], 3), *(round(p[k], 3) for p in predictions.values())) for k in cases}
     print("median absolute error:", errors, "\nmeasured, predicted (relative to uncompressed):", detail)
-    tolerance = 0.15  # seen: table 0.05-0.09; FLOPs 0.22-0.29, no residual 0.44-0.48, policy-blind 0.39-0.40
+    tolerance = 0.15  # seen (AVX-512 bf16): table 0.05-0.09; FLOPs 0.22-0.29, no residual 0.44-0.48, policy-blind 0.39-0.40
     assert errors["table + residual"] <= tolerance, (errors, detail)
-    for broken in ("FLOPs-proportional", "table, no residual", "ignores the policy"):
+    for broken in ("FLOPs-proportional", "ignores the policy"):
         assert errors[broken] > tolerance, (broken, errors, detail)
+    # Forgetting the residual is far off only where the residual is a large share of the time, and that share is
+    # this CPU's: on AVX2 alone a bf16 Linear is 8-15x slower than fp32, so in bf16 policies the residual is ~5% of
+    # the time and leaving it out costs little. Judge it where the table says the residual is >= 2x the tolerance.
+    heavy = [k for k, (s, p) in cases.items() if k != "uncompressed"
+             and calibrated[s].breakdown(p)["residual"] >= 2 * tolerance * calibrated[s].predict(p)]
+    assert len(heavy) >= 3, (heavy, detail)  # int8 and low-rank policies keep fp32-sized residuals on every CPU
+    no_residual = statistics.median(abs(predictions["table, no residual"][k] - measured[k]) / measured[k]
+                                    for k in heavy)
+    assert no_residual > tolerance, (heavy, no_residual, errors, detail)
     # nested layers are not counted twice: each block's entry minus its searched Linears plus their entries
     policy = cases["width 0.5 + bf16"][1]
     breakdown = calibrated["nested"].breakdown(policy)
@@ -272,6 +282,7 @@ def test_predictor_combines_profiled_settings_without_counting_nested_layers_twi
         predictor.predict({"b:p.h": 0.25})  # not a profiled setting
 
 
+@pytest.mark.speed
 def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp_path, monkeypatch, plugins, fmnist):
     monkeypatch.setenv("AUTOCOMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     kwargs = {**TINY_VIT, "embed_dim": 96, "num_heads": 3}  # wide enough that formats change its latency
@@ -333,6 +344,7 @@ def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp
     assert len(list((tmp_path / "cache" / "latency_tables").glob("*.json"))) == 1
 
 
+@pytest.mark.speed
 def test_a_table_that_no_longer_matches_the_machine_is_profiled_again(tmp_path, plugins):
     """A search checks the table against a few uniform policies timed now; one that mis-predicts them (here: bf16
     made to look 4x slower than it was measured) is profiled again rather than used to skip candidates."""
@@ -350,16 +362,24 @@ def test_a_table_that_no_longer_matches_the_machine_is_profiled_again(tmp_path, 
     build_predictor(model, example, space, plugins, model_name="vit_tiny_patch16_224", model_kwargs=kwargs,
                     threads=2, warmup=1, repeats=5, path=path, progress=False)
     table = LatencyTable.load(path)
-    for entries in table.entries.values():
+    measured = {}  # what this CPU gave for each bf16 entry: ~0.5-1x fp32 with AVX-512 bf16, 8-15x on AVX2 alone
+    for layer, entries in table.entries.items():
         for key, entry in entries.items():
             if '"bf16"' in key:
+                measured[layer, key] = entry["ratio"]
                 entry["ratio"] *= 4
+    assert measured
     table.save()
     logged: list[str] = []
     predictor = predictor_for_run(config, model, example, space, plugins, 10.0, log=logged.append, progress=False)
     assert any("does not match this machine" in line and "bf16" in line for line in logged), logged
     again = LatencyTable.load(path)
-    assert all(e["ratio"] < 2 for entries in again.entries.values() for k, e in entries.items() if '"bf16"' in k)
+    # profiled again: each bf16 entry is back near what this CPU measured, below the geometric midpoint (2x) between
+    # that and the 4x inflated value, whatever the CPU's bf16 kernels cost
+    remeasured = {(layer, k): e["ratio"] for layer, entries in again.entries.items() for k, e in entries.items()
+                  if (layer, k) in measured}
+    assert set(remeasured) == set(measured)
+    assert all(remeasured[k] < 2 * measured[k] for k in measured), (measured, remeasured)
     if predictor is not None:  # the fresh table passed the check
         assert predictor.base_ms == pytest.approx(10.0)
 

@@ -300,6 +300,7 @@ def test_cli_apply_writes_a_model_that_loads_back(plugins, tiny_config, fmnist, 
 # --- measured latency -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.speed
 def test_rank_halved_deit_small_is_measured_faster_than_dense(plugins):
     """DeiT-S architecture (random weights: latency does not depend on values). qkv, fc1 and fc2 at half their
     full rank (proj at half rank would not save anything and is rejected, so it stays dense)."""

@@ -223,6 +223,7 @@ def test_broken_plugin_is_reported_by_name_and_the_others_load(kind: str, tome_s
     assert f"warning: plugin {kind!r} (autocompress-{kind}) not loaded" in captured.err
 
 
+@pytest.mark.speed
 def test_joint_search_with_builtins_measures_the_token_merging_speedup(
     tome_site: Path, tmp_path: Path, on_path, fmnist: Dataset, monkeypatch
 ) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from autocompress.cpu import cpu_info
 from autocompress.errors import InputError
 from autocompress.io import atomic_write_text
 from autocompress.latency_model.layout import techniques_in_key
@@ -45,17 +46,10 @@ CACHE_ENV = "AUTOCOMPRESS_CACHE_DIR"
 
 
 def hardware_id() -> str:
-    """The CPU model (and core count) the timings belong to."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    model = model or platform.processor() or "unknown cpu"
-    return f"{model} | {platform.machine()} | {os.cpu_count()} cpus"
+    """The CPU model, the kernels torch may use on it (a process held to AVX2 on an AVX-512 CPU times other
+    kernels) and the core count the timings belong to."""
+    info = cpu_info()
+    return f"{info.model} | {platform.machine()} | {info.capability} | {info.cores} cpus"
 
 
 def table_key(

@@ -109,6 +109,11 @@ class SpeedupClaim:
     compressed model are timed interleaved (A B A B ...), so machine load hits both alike; the claim holds when the
     dense median over the compressed median exceeds ``min_speedup``. Choose a model where the gap is large (>25%):
     timings on a shared machine are noisy.
+
+    ``requires`` is for a claim that holds on some CPUs only (bf16 is faster than fp32 with AVX-512 bf16 or AMX and
+    8-18x slower with AVX2 alone): a function, run before timing, that returns why the claim cannot hold on this
+    machine (the test is skipped with that reason) or None. Decide it by measuring, not by CPU names: see
+    :func:`autocompress.cpu.slow_bf16_reason`.
     """
 
     id: str
@@ -118,6 +123,7 @@ class SpeedupClaim:
     threads: int = 2
     min_speedup: float = 1.0
     repeats: int = 7
+    requires: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -405,6 +411,9 @@ class TechniqueContract:
                     pytest.fail(f"check_value accepted {value!r} for option {knob}")
 
     def test_claimed_speedup_is_real_and_measured(self, claim: SpeedupClaim) -> None:
+        why_not = claim.requires() if claim.requires is not None else None
+        if why_not:
+            pytest.skip(f"{claim.id}: {why_not}")
         tech = self.make_technique()
         model = claim.model.create()
         settings = claim.settings(model) if callable(claim.settings) else claim.settings
