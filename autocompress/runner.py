@@ -152,6 +152,8 @@ def prepare(
         model = load_model(config, data, log)
     model.eval()
     resolved = space.resolve(model, plugins.techniques)
+    for line in resolved.left_out.values():
+        log(line)
     example = example_batch(data, config.target.batch_size)
     try:
         with torch.inference_mode():

@@ -57,6 +57,10 @@ class SearchSpace:
     source: str = "space"
     #: named extra baselines: {name: {technique: {knob: value}}}; a layer knob's value goes to all its layers
     baselines: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: a builtin space fits itself to the model in hand: what a technique cannot do there (a layer kind it does not
+    #: know, a plugin not installed) is left out and said (ResolvedSpace.left_out); a user's own space is held to
+    #: the letter, and such a rule is an error naming it
+    adapts: bool = False
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> "SearchSpace":
@@ -67,7 +71,9 @@ class SearchSpace:
             raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(str(path), f"cannot read search space ({getattr(exc, 'strerror', None) or exc})") from None
-        return cls.from_dict(data, source=str(path))
+        space = cls.from_dict(data, source=str(path))
+        space.adapts = any(path.resolve().parent == folder.resolve() for folder in BUILTIN_SPACES_DIRS)
+        return space
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> "SearchSpace":
@@ -114,17 +120,23 @@ class SearchSpace:
     def resolve(self, model: nn.Module, available: Mapping[str, Technique]) -> "ResolvedSpace":
         """Tie the space to ``model``: expand patterns to module names and check every choice."""
         dims: list[Dimension] = []
+        left_out: dict[str, str] = {}
         for tech_name, entry in self.techniques.items():
             where = f"{self.source}.techniques.{tech_name}"
             technique = available.get(tech_name)
             if technique is None:
+                if self.adapts:
+                    left_out[tech_name] = f"{tech_name}: not installed, left out of the search"
+                    continue
                 raise InputError(
                     where, f"unknown technique (installed: {', '.join(sorted(available)) or 'none'})"
                 )
+            unusable = _Unusable(tech_name, strict=not self.adapts)
             candidates = technique.candidate_layers(model)
             per_layer: dict[str, dict[str, list[Any]]] = {}
             for i, rule in enumerate(entry["layers"]):
-                matched = match_layers(rule["match"], candidates, f"{where}.layers[{i}].match")
+                field_name = f"{where}.layers[{i}].match"
+                matched = unusable.matched(rule["match"], candidates, field_name)
                 for knob, choices in rule.items():
                     if knob == "match":
                         continue
@@ -134,12 +146,14 @@ class SearchSpace:
                             f"unknown knob (technique {tech_name!r} offers: {', '.join(technique.layer_knobs)})",
                         )
                     for layer in matched:
-                        for value in choices:
-                            _check(technique, model, layer, knob, value, f"{where}.layers[{i}].{knob}")
-                        per_layer.setdefault(layer, {})[knob] = list(choices)
+                        usable = [value for value in choices if unusable.check(
+                            technique, model, layer, knob, value, f"{where}.layers[{i}].{knob}")]
+                        per_layer.setdefault(layer, {})[knob] = usable
             for layer in candidates:  # keep model order
                 for knob, choices in per_layer.get(layer, {}).items():
                     identity = technique.layer_knobs[knob]
+                    if not [c for c in choices if c != identity]:
+                        continue  # nothing but "leave it" is left here (only when adapting: said in left_out)
                     dims.append(
                         Dimension(param_name(tech_name, knob, layer), tech_name, knob, layer,
                                   _with_identity(choices, identity), identity)
@@ -158,10 +172,57 @@ class SearchSpace:
                     Dimension(param_name(tech_name, knob), tech_name, knob, None,
                               _with_identity(choices, identity), identity)
                 )
-        resolved = ResolvedSpace(dims)
+            if unusable.reasons:
+                left_out[tech_name] = unusable.summary()
+        resolved = ResolvedSpace(dims, left_out=left_out)
         for label, settings in self.baselines.items():
-            resolved.extra_baselines[label] = resolved.params_for(settings, f"{self.source}.baselines.{label}")
+            try:
+                resolved.extra_baselines[label] = resolved.params_for(settings, f"{self.source}.baselines.{label}")
+            except InputError:
+                if not (self.adapts and left_out):
+                    raise  # a builtin baseline that no longer fits this model is dropped with what it needed
         return resolved
+
+
+class _Unusable:
+    """What one technique cannot do on the model in hand, for a space that adapts; raises at once for one that
+    does not (today's one-line errors naming the rule)."""
+
+    def __init__(self, technique: str, strict: bool) -> None:
+        self.technique, self.strict = technique, strict
+        self.reasons: dict[str, list[str]] = {}  # why -> the layers (or rules) it applies to, in order
+
+    def matched(self, pattern: str, candidates: list[str], field_name: str) -> list[str]:
+        try:
+            return match_layers(pattern, candidates, field_name)
+        except InputError:
+            if self.strict:
+                raise
+            self.reasons.setdefault(f"{pattern!r} matches no layer it can act on in this model", [])
+            return []
+
+    def check(self, technique: Technique, model: nn.Module, layer: str, knob: str, value: Any, field_name: str) -> bool:
+        if self.strict:
+            _check(technique, model, layer, knob, value, field_name)
+            return True
+        try:
+            technique.check_value(model, layer, knob, value)
+            return True
+        except ValueError as exc:
+            layers = self.reasons.setdefault(f"{knob}: {exc}", [])
+            if layer not in layers:
+                layers.append(layer)
+            return False
+
+    def summary(self) -> str:
+        parts = []
+        for why, layers in self.reasons.items():
+            where = ""
+            if layers:
+                shown = ", ".join(layers[:3]) + (f", ... {layers[-1]}" if len(layers) > 3 else "")
+                where = f" on {len(layers)} layer{'s' if len(layers) != 1 else ''} ({shown})"
+            parts.append(f"{why}{where}")
+        return f"{self.technique}: left out of the search for this model: " + "; ".join(parts)
 
 
 @dataclass
@@ -170,6 +231,8 @@ class ResolvedSpace:
 
     dimensions: list[Dimension]
     extra_baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: technique -> one line saying what an adapting (builtin) space left out for this model, and why
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def params_for(self, settings: Mapping[str, Mapping[str, Any]], where: str = "baseline") -> dict[str, Any]:
         """Parameters with ``{technique: {knob: value}}`` applied to every matching dimension, identity elsewhere."""

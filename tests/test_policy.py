@@ -142,3 +142,39 @@ def test_space_pattern_matching_nothing_is_an_error(plugins):
     space = SearchSpace.from_dict({"techniques": {"quantization": {"layers": [{"match": "blocks.*.nope", "format": ["bf16"]}]}}})
     with pytest.raises(InputError, match=r"layers\[0\]\.match.*matches no layer"):
         space.resolve(make_tiny_vit(), plugins.techniques)
+
+
+class _OwnAttention(torch.nn.Module):
+    """A user's own attention module: the builtin pruning does not know its forward, so it cannot remove heads."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, *args, **kwargs):
+        return self.inner(x, *args, **kwargs)
+
+
+def test_the_default_space_leaves_out_what_a_technique_cannot_do_on_this_model_and_says_why(plugins):
+    """The builtin 'vit' space on a model whose first block has an attention kind pruning does not know: that
+    block's heads are left out (one line for the technique, naming layer and reason), the rest is searched."""
+    model = make_tiny_vit(depth=3)
+    model.blocks[0].attn = _OwnAttention(model.blocks[0].attn)
+    space = SearchSpace.load("vit")
+    resolved = space.resolve(model, plugins.techniques)
+    names = {d.name for d in resolved.dimensions}
+    assert "blocks.0:pruning.heads" not in names
+    assert {"blocks.0:pruning.mlp", "blocks.1:pruning.heads", "blocks.2:pruning.heads"} <= names
+    line = resolved.left_out["pruning"]
+    assert line.startswith("pruning: left out of the search for this model: heads: ") and "blocks.0" in line
+    assert "_OwnAttention" in line and "blocks.1" not in line
+    assert set(resolved.left_out) == {"pruning"}
+    # a technique that is not installed is left out of a builtin space too, and said
+    without_lowrank = {k: v for k, v in plugins.techniques.items() if k != "lowrank"}
+    assert "lowrank: not installed" in space.resolve(model, without_lowrank).left_out["lowrank"]
+
+    # the same rules in a user's own space file are held to the letter: the one-line error names the rule
+    own = SearchSpace.from_dict({"techniques": {"pruning": space.techniques["pruning"]}}, source="my_space.yaml")
+    with pytest.raises(InputError, match=r"my_space\.yaml\.techniques\.pruning\.layers\[0\]\.heads: 0\.67 cannot be "
+                                         r"applied for blocks\.0: .*_OwnAttention"):
+        own.resolve(model, plugins.techniques)
