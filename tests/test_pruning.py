@@ -299,3 +299,263 @@ def test_taylor_criterion_keeps_more_accuracy_than_random_choice(trained_tiny, f
     taylor_acc = accuracy(taylor, val)
     assert taylor_acc > max(random_acc) + 0.01, f"taylor {taylor_acc:.3f} vs random {random_acc}"
     assert taylor_acc > accuracy(model, val) - 0.15
+
+
+# --- BEiT and EVA-02 attention, SwiGLU and GluMlp ----------------------------------------------------------------------
+
+_SMALL = dict(num_classes=10, embed_dim=48, depth=2, num_heads=3, head_init_scale=1.0)  # head_init_scale: see DEFAULT_MODELS
+# layer scale 0.5: every block shows in the output; MLP ratio 8/3: the same hidden width (128) as EVA-02's SwiGLU
+_BEIT = dict(img_size=32, patch_size=8, init_values=0.5, mlp_ratio=4 * 2 / 3, **_SMALL)
+_EVA = dict(img_size=28, patch_size=7, **_SMALL)
+#: each kind of attention and MLP the surgery knows beyond timm's standard ones; none has a norm over the pruned
+#: width (a LayerNorm over fewer channels changes the kept ones), so removing dead units must keep outputs exactly
+FAMILIES = (
+    ModelSpec("beit-relpos-mlp", "beit_base_patch16_224", dict(_BEIT)),
+    ModelSpec("beit-shared-relpos-swiglu", "beit_base_patch16_224",
+              dict(_BEIT, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, swiglu_mlp=True)),
+    ModelSpec("eva02-fused-qkv-glumlp", "eva02_tiny_patch14_224", dict(_EVA)),
+    ModelSpec("eva02-separate-qkv-swiglu", "eva02_tiny_patch14_224", dict(_EVA, qkv_fused=False, swiglu_align_to=8)),
+)
+#: EVA-02 with the sub-LN norms over the attention and the SwiGLU hidden width
+EVA_NORMS = ModelSpec("eva02-subln-swiglu-norm", "eva02_tiny_patch14_224",
+                      dict(_EVA, qkv_fused=False, scale_attn_inner=True, scale_mlp=True))
+ALL_FAMILIES = (*FAMILIES, EVA_NORMS)
+
+
+def _randomize_head_vectors(model: nn.Module) -> None:
+    """timm starts q/k/v biases and relative position tables at zero: random ones show whether each head's slice
+    of them was kept (k_bias is a zero buffer in real models; random here, so its slicing is checked too)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("q_bias", "k_bias", "v_bias", "relative_position_bias_table", "_proj.bias")):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+
+
+def _set_fused_attn(model: nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+def _features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        return model.forward_features(x), model(x)
+
+
+def _zero_units(block: nn.Module, heads: list[int], channels: list[int]) -> None:
+    """Zero what the given heads and channels put out and every weight that scores them, leaving their biases: the
+    output cannot depend on them, and they have the lowest L1 scores."""
+    attn, mlp = block.attn, block.mlp
+    h, width = attn.num_heads, mlp.fc2.in_features
+    d = attn.proj.in_features // h
+    with torch.no_grad():
+        for head in heads:
+            cols = slice(head * d, (head + 1) * d)
+            attn.proj.weight[:, cols] = 0
+            if getattr(attn, "qkv", None) is not None:
+                for part in range(3):
+                    attn.qkv.weight[part * h * d + head * d : part * h * d + (head + 1) * d] = 0
+            else:
+                for p in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    p.weight[cols] = 0
+        for c in channels:
+            mlp.fc2.weight[:, c] = 0
+            for name in ("fc1", "fc1_g", "fc1_x"):
+                fc = getattr(mlp, name, None)
+                if fc is not None:
+                    fc.weight[c :: width] = 0  # GluMlp: the channel's row in both halves of fc1
+
+
+@pytest.mark.parametrize("spec", ALL_FAMILIES, ids=[m.id for m in ALL_FAMILIES])
+def test_beit_and_eva_blocks_are_candidates_and_keeping_everything_is_exact(spec: ModelSpec) -> None:
+    model = spec.create()
+    _randomize_head_vectors(model)
+    assert PRUNING.candidate_layers(model) == ["blocks.0", "blocks.1"]
+    assert head_counts(model) == {"blocks.0": 3, "blocks.1": 3}
+    x = spec.images(2)
+    for criterion in ("l1", "taylor"):
+        settings = TechniqueSettings({b: {"heads": 1.0, "mlp": 1.0} for b in PRUNING.candidate_layers(model)},
+                                     {"criterion": criterion})
+        kept = PRUNING.apply(copy.deepcopy(model), settings, ApplyContext(calibration=_calibration(x)))
+        assert torch.equal(_out(kept, x), _out(model, x))
+        assert _params(kept) == _params(model)
+
+
+@pytest.mark.parametrize("spec", FAMILIES, ids=[m.id for m in FAMILIES])
+def test_pruned_beit_and_eva_forward_is_timms_computation(spec: ModelSpec) -> None:
+    """The pruned classes' forward (it reshapes by the kept heads' width, not the input's) computes exactly what
+    timm's does: keeping every head swaps the class and must not change a bit, on SDPA and the explicit path."""
+    from autocompress_pruning.surgery import PrunedBeitAttention, PrunedEvaAttention, prune_heads
+
+    model = spec.create()
+    _randomize_head_vectors(model)
+    swapped = copy.deepcopy(model)
+    for block in swapped.blocks:
+        prune_heads(block.attn, range(block.attn.num_heads))
+        assert type(block.attn) in (PrunedBeitAttention, PrunedEvaAttention)
+    x = spec.images(2)
+    for fused in (True, False):
+        _set_fused_attn(model, fused)
+        _set_fused_attn(swapped, fused)
+        for a, b in zip(_features_and_logits(swapped, x), _features_and_logits(model, x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", FAMILIES, ids=[m.id for m in FAMILIES])
+def test_removing_dead_beit_and_eva_units_keeps_outputs(spec: ModelSpec) -> None:
+    """Heads whose output projection is zero and channels whose fc2 column is zero contribute nothing; removing
+    exactly them (lowest L1) keeps features and logits, which fails if any kept head lost its own q/k/v bias
+    slice or relative position bias column, or if GluMlp's gate and value halves went out of step."""
+    model = spec.create()
+    _randomize_head_vectors(model)
+    dead_heads = {"blocks.0": [0], "blocks.1": [1]}  # not the last head: a slip to the first k heads would show
+    width = model.blocks[0].mlp.fc2.in_features
+    dead_channels = {b: list(range(i, width, 3)) for i, b in enumerate(dead_heads)}
+    for b in dead_heads:
+        _zero_units(model.get_submodule(b), dead_heads[b], dead_channels[b])
+    keep_width = width - len(dead_channels["blocks.0"])
+    assert keep_width == width - len(dead_channels["blocks.1"])
+    settings = TechniqueSettings({b: {"heads": 0.67, "mlp": keep_width / width} for b in dead_heads})
+    pruned = PRUNING.apply(copy.deepcopy(model), settings, ApplyContext())
+    assert head_counts(pruned) == {b: 2 for b in dead_heads}
+    assert mlp_widths(pruned) == {b: keep_width for b in dead_heads}
+    for b, dead in dead_heads.items():
+        attn, original = pruned.get_submodule(b).attn, model.get_submodule(b).attn
+        d = original.proj.in_features // 3
+        live = [h for h in range(3) if h not in dead]
+        expected = torch.cat([original.proj.weight[:, h * d : (h + 1) * d] for h in live], 1)
+        assert torch.equal(attn.proj.weight, expected), "the live heads were not the ones kept"
+        if hasattr(attn, "head_index"):
+            assert attn.head_index.tolist() == live
+    x = spec.images(3)
+    for fused in (True, False):
+        _set_fused_attn(model, fused)
+        _set_fused_attn(pruned, fused)
+        for a, b in zip(_features_and_logits(pruned, x), _features_and_logits(model, x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _expected_shapes(spec: ModelSpec, heads: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter a head or a channel owns, at ``heads`` heads of 16 and ``width`` hidden channels."""
+    dim, a = 48, heads * 16
+    shapes = {"attn.proj.weight": (dim, a)}
+    kwargs = spec.kwargs
+    if spec.name.startswith("beit"):
+        shapes.update({"attn.qkv.weight": (3 * a, dim), "attn.q_bias": (a,), "attn.v_bias": (a,)})
+        if kwargs.get("use_rel_pos_bias", True):
+            shapes["attn.relative_position_bias_table"] = ((2 * 4 - 1) ** 2 + 3, heads)
+    elif kwargs.get("qkv_fused", True):
+        shapes.update({"attn.qkv.weight": (3 * a, dim), "attn.q_bias": (a,), "attn.v_bias": (a,)})
+    else:
+        shapes.update({f"attn.{p}_proj.weight": (a, dim) for p in "qkv"})
+        shapes.update({"attn.q_proj.bias": (a,), "attn.v_proj.bias": (a,)})
+    if kwargs.get("scale_attn_inner"):
+        shapes.update({"attn.norm.weight": (a,), "attn.norm.bias": (a,)})
+    glu = spec.name.startswith("eva") and not (kwargs.get("scale_mlp") or kwargs.get("swiglu_align_to"))
+    if glu:
+        shapes.update({"mlp.fc1.weight": (2 * width, dim), "mlp.fc1.bias": (2 * width,)})
+    elif spec.name.startswith("eva") or kwargs.get("swiglu_mlp"):
+        shapes.update({f"mlp.{fc}.{t}": (width, dim) if t == "weight" else (width,)
+                       for fc in ("fc1_g", "fc1_x") for t in ("weight", "bias")})
+    else:
+        shapes.update({"mlp.fc1.weight": (width, dim), "mlp.fc1.bias": (width,)})
+    shapes["mlp.fc2.weight"] = (dim, width)
+    if kwargs.get("scale_mlp"):
+        shapes.update({"mlp.norm.weight": (width,), "mlp.norm.bias": (width,)})
+    return shapes
+
+
+@pytest.mark.parametrize("spec", ALL_FAMILIES, ids=[m.id for m in ALL_FAMILIES])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random", "taylor"])
+def test_beit_and_eva_pruning_gives_exact_counts_with_every_criterion(spec: ModelSpec, criterion: str) -> None:
+    model = spec.create()
+    _randomize_head_vectors(model)
+    blocks = PRUNING.candidate_layers(model)
+    width = model.blocks[0].mlp.fc2.in_features
+    assert width == 128  # 48 * 8/3
+    before = {b: {k: tuple(v.shape) for k, v in model.get_submodule(b).state_dict().items()} for b in blocks}
+    assert all(before[b][k] == v for b in blocks for k, v in _expected_shapes(spec, 3, 128).items())
+    x = spec.images(4)
+    settings = TechniqueSettings({"blocks.0": {"heads": 0.34, "mlp": 0.25}, "blocks.1": {"heads": 0.67}},
+                                 {"criterion": criterion})
+    pruned = PRUNING.apply(copy.deepcopy(model), settings, ApplyContext(seed=3, calibration=_calibration(x, 2)))
+    assert head_counts(pruned) == {"blocks.0": 1, "blocks.1": 2}
+    assert mlp_widths(pruned) == {"blocks.0": 32, "blocks.1": 128}
+    for b, (heads, channels) in {"blocks.0": (1, 32), "blocks.1": (2, 128)}.items():
+        state = pruned.get_submodule(b).state_dict()
+        assert pruned.get_submodule(b).attn.num_heads == heads
+        for key, shape in _expected_shapes(spec, heads, channels).items():
+            assert tuple(state[key].shape) == shape, f"{b}.{key}"
+    out = _out(pruned, x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_beit_pruned_heads_survive_save_and_load_with_a_shared_relative_position_bias(plugins, tmp_path: Path) -> None:
+    """Which heads a BEiT block kept picks its slices of the model-level shared bias: a rebuilt model (kept heads
+    0..k-1 before the weights load) must get them back from the saved ``head_index``."""
+    spec = FAMILIES[1]
+    model = spec.create()
+    _randomize_head_vectors(model)
+    for b in ("blocks.0", "blocks.1"):
+        _zero_units(model.get_submodule(b), [0], [])
+    policy = Policy({"pruning": TechniqueSettings({"blocks.0": {"heads": 0.67}, "blocks.1": {"heads": 0.67}})},
+                    model=spec.name)
+    compressed = apply_policy(model, policy, plugins.techniques, ApplyContext())
+    path = tmp_path / "beit.pt"
+    save_compressed(path, compressed, policy, spec.name, dict(spec.kwargs))
+    loaded, _ = load_compressed(path, plugins.techniques)
+    assert loaded.blocks[0].attn.head_index.tolist() == [1, 2]
+    x = spec.images(2)
+    torch.testing.assert_close(_out(loaded, x), _out(model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("later", ["quantization", "quantization-bf16-compute", "lowrank+quantization"])
+def test_pruned_beit_and_eva_then_compressed_keep_their_counts(plugins, later: str) -> None:
+    """Low rank and quantization replace the pruned Linears (BEiT/EVA then call qkv instead of reading its weight;
+    with bf16 compute every fp32 Linear is wrapped too); the counts still read the pruned sizes and the model
+    runs."""
+    if "lowrank" in later and "lowrank" not in plugins.techniques:
+        pytest.skip("the lowrank plugin is not installed")
+    for spec in (FAMILIES[0], FAMILIES[2]):
+        model = spec.create()
+        techniques = {
+            "pruning": TechniqueSettings({"blocks.0": {"heads": 0.67, "mlp": 0.5}, "blocks.1": {"heads": 0.34}}),
+            "quantization": TechniqueSettings({"blocks.0.attn.qkv": {"format": "int8_dynamic"},
+                                               "blocks.0.mlp.fc2": {"format": "bf16"},
+                                               "blocks.1.attn.qkv": {"format": "int4_weight"}},
+                                              {"compute": "bf16" if "bf16" in later else "fp32"}),
+        }
+        if "lowrank" in later:
+            techniques["lowrank"] = TechniqueSettings({"blocks.0.attn.qkv": {"rank": 0.25},
+                                                       "blocks.1.mlp.fc1": {"rank": 0.25}},
+                                                      {"method": "activation_aware"})
+        x = spec.images(4)
+        compressed = apply_policy(model, Policy(techniques, model=spec.name), plugins.techniques,
+                                  ApplyContext(calibration=_calibration(x)))
+        assert head_counts(compressed) == {"blocks.0": 2, "blocks.1": 1}
+        assert mlp_widths(compressed) == {"blocks.0": 64, "blocks.1": 128}
+        out = _out(compressed, x)
+        assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_an_unsupported_attention_is_refused_by_name_while_its_mlp_still_prunes() -> None:
+    """timm's AttentionRope may get a different rotary embedding per head (rope_mixed), which a per-block surgery
+    cannot slice: it is not supported, and the reason names it."""
+    spec = ModelSpec("vit-rope-mixed", "vit_small_patch16_rope_mixed_224",
+                     dict(img_size=32, patch_size=8, num_classes=10, embed_dim=48, depth=2, num_heads=3))
+    model = spec.create()
+    assert PRUNING.candidate_layers(model) == ["blocks.0", "blocks.1"]
+    with pytest.raises(ValueError, match="attention is AttentionRope"):
+        PRUNING.check_value(model, "blocks.0", "heads", 0.67)
+    pruned = PRUNING.apply(copy.deepcopy(model), TechniqueSettings({"blocks.0": {"mlp": 0.5}}), ApplyContext())
+    assert mlp_widths(pruned)["blocks.0"] == 96 and head_counts(pruned) == {}
+    assert torch.isfinite(_out(pruned, spec.images(2))).all()
+
+
+@pytest.mark.parametrize("spec", FAMILIES[::2], ids=[m.id for m in FAMILIES[::2]])
+def test_the_vit_space_file_prunes_every_beit_and_eva_block(plugins, spec: ModelSpec) -> None:
+    model = spec.create()
+    space = SearchSpace.load("vit").resolve(model, plugins.techniques)
+    pruning = {d.name for d in space.dimensions if d.technique == "pruning"}
+    assert pruning == {f"blocks.{i}:pruning.{k}" for i in range(2) for k in ("heads", "mlp")} | {"pruning.criterion"}

@@ -11,9 +11,10 @@ A plugin author writes, in one of their test files::
         space = {"layers": [{"match": "re:blocks\\\\.\\\\d+\\\\.mlp\\\\.fc1", "keep": [1.0, 0.5]}]}
 
 and pytest runs every ``test_*`` method below on several small timm ViT-family models (:data:`DEFAULT_MODELS`:
-different depth, width and head count, class token, average pooling, distillation and register tokens). ``space``
-is the technique's entry of a search-space file (``layers`` rules and ``options``), resolved against each model
-exactly as a search would. What is checked is what the core and the user rely on:
+different depth, width and head count, class token, average pooling, distillation and register tokens; and BEiT
+and EVA-02, which a technique may decline by offering no layer on them). ``space`` is the technique's entry of a
+search-space file (``layers`` rules and ``options``), resolved against each model exactly as a search would. What
+is checked is what the core and the user rely on:
 
 - the technique declares candidate layers (real module names, in model order) and the space resolves on them;
 - every offered choice applies without error and keeps the output shape and finite outputs;
@@ -58,12 +59,18 @@ _YAML_SCALARS = (str, int, float, bool, type(None))
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A small timm model built from its architecture name and keyword arguments (random weights, seeded)."""
+    """A small timm model built from its architecture name and keyword arguments (random weights, seeded).
+
+    ``optional``: a technique may decline this architecture. When a technique with per-layer knobs offers no
+    candidate layer on it, the checks on it are skipped (saying so) instead of failing; a technique that does offer
+    layers on it is held to every check. The plain ViT-family models are not optional.
+    """
 
     id: str
     name: str
     kwargs: Mapping[str, Any]
     batch: int = 2
+    optional: bool = False
 
     def create(self, seed: int = 0) -> nn.Module:
         import timm
@@ -87,6 +94,8 @@ class ModelSpec:
 
 
 #: Several ViT-family shapes: the conformance suite's default models. Small enough that a full run takes seconds.
+#: BEiT (relative position bias, separate q/v biases, layer scale) and EVA-02 (rotary embeddings, packed SwiGLU) are
+#: optional: a technique written for plain ViT blocks may offer no layer on them.
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("vit-cls-d2-w48-h2", "vit_tiny_patch16_224",
               dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2, num_heads=2)),
@@ -98,6 +107,13 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("vit-reg-qknorm-ls-d4-w96-h3", "vit_small_patch16_224",
               dict(img_size=24, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=3,
                    reg_tokens=2, qk_norm=True, init_values=1e-4, qkv_bias=False)),
+    # head_init_scale 1 instead of timm's 1e-3, so that the output checks see more than a near-zero classifier
+    ModelSpec("beit-relpos-ls-d2-w48-h3", "beit_base_patch16_224",
+              dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=48, depth=2, num_heads=3,
+                   head_init_scale=1.0), optional=True),
+    ModelSpec("eva02-rope-swiglu-d2-w48-h3", "eva02_tiny_patch14_224",
+              dict(img_size=28, patch_size=7, in_chans=3, num_classes=10, embed_dim=48, depth=2, num_heads=3,
+                   head_init_scale=1.0), optional=True),
 )
 
 
@@ -227,8 +243,15 @@ class TechniqueContract:
         tech = self.make_technique()
         return {tech.name: tech}
 
+    def _skip_if_declined(self, spec: ModelSpec, model: nn.Module) -> None:
+        """An optional architecture the technique offers no layer on is not its business (see ModelSpec)."""
+        tech = self.make_technique()
+        if spec.optional and tech.layer_knobs and not tech.candidate_layers(model):
+            pytest.skip(f"{tech.name} offers no layer on {spec.id}, an optional architecture ({spec.name})")
+
     def _case(self, spec: ModelSpec) -> _Case:
         model = spec.create()
+        self._skip_if_declined(spec, model)
         inputs = spec.images(spec.batch, seed=0)
         case = _Case(spec, model, inputs, _forward(model, inputs))
         tech = self.make_technique()
@@ -295,6 +318,7 @@ class TechniqueContract:
     def test_declares_candidate_layers(self, spec: ModelSpec) -> None:
         tech = self.make_technique()
         model = spec.create()
+        self._skip_if_declined(spec, model)
         layers = tech.candidate_layers(model)
         assert isinstance(layers, list) and all(isinstance(n, str) for n in layers)
         if tech.layer_knobs:

@@ -16,7 +16,8 @@ import hashlib
 import math
 import re
 from collections import OrderedDict
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -119,7 +120,8 @@ class LowRankTechnique(Technique):
             store.popitem(last=False)
         todo = [layer for layer in layers if layer not in cached]
         if todo and method == "activation_aware":
-            moments = input_second_moments(model, todo, batches)
+            with _parents_calling(model, todo):
+                moments = input_second_moments(model, todo, batches)
             for layer in todo:
                 cached[layer] = whitened_factors(model.get_submodule(layer).weight, moments[layer])
         for layer in todo:
@@ -147,13 +149,33 @@ def factorize_layer(model: nn.Module, layer: str, rank: int, factors: Factors | 
     return new
 
 
-def _let_parent_call(model: nn.Module, layer: str) -> None:
-    """timm's BEiT / EVA / Swin-V2 attention reads ``qkv.weight`` directly (to add its separate q/v biases) unless
-    ``qkv_bias_separate`` is set; setting it makes the parent call the module, and is numerically the same."""
+def _bypassing_parent(model: nn.Module, layer: str) -> nn.Module | None:
+    """The parent of ``layer`` when it reads ``layer.weight`` instead of calling the layer: timm's BEiT / EVA /
+    Swin-V2 attention does so for ``qkv`` (to add its separate q/v biases) unless ``qkv_bias_separate`` is set."""
     parent_name, _, attr = layer.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if attr == "qkv" and getattr(parent, "q_bias", None) is not None and hasattr(parent, "qkv_bias_separate"):
+    reads_weight = getattr(parent, "qkv_bias_separate", None) is False
+    return parent if attr == "qkv" and reads_weight and getattr(parent, "q_bias", None) is not None else None
+
+
+def _let_parent_call(model: nn.Module, layer: str) -> None:
+    """Setting ``qkv_bias_separate`` makes the parent call the module and add the biases after it: the same sum."""
+    parent = _bypassing_parent(model, layer)
+    if parent is not None:
         parent.qkv_bias_separate = True
+
+
+@contextmanager
+def _parents_calling(model: nn.Module, layers: Iterable[str]) -> Iterator[None]:
+    """For the calibration pass only: hooks see a layer's inputs only if its parent calls it."""
+    parents = [p for p in (_bypassing_parent(model, layer) for layer in layers) if p is not None]
+    for parent in parents:
+        parent.qkv_bias_separate = True
+    try:
+        yield
+    finally:
+        for parent in parents:
+            parent.qkv_bias_separate = False
 
 
 def _fingerprint(tensors: Iterable[torch.Tensor]) -> str:

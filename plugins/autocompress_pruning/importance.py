@@ -2,8 +2,10 @@
 
 Criteria (the technique's global ``criterion`` option):
 
-- ``l1`` / ``l2``: magnitude of every weight that belongs to the unit — a head's q, k and v rows in ``qkv`` and its
-  columns in ``proj``; a channel's row in ``fc1`` and column in ``fc2``. No data needed.
+- ``l1`` / ``l2``: magnitude of every weight that belongs to the unit — a head's q, k and v rows (in the fused
+  ``qkv`` or the separate ``q_proj``/``k_proj``/``v_proj``) and its columns in ``proj``; a channel's row in every
+  Linear producing the hidden width (``fc1``; SwiGLU's ``fc1_g`` and ``fc1_x``; both halves of GluMlp's ``fc1``)
+  and its column in ``fc2``. Biases, gates and BEiT's relative position bias are not counted. No data needed.
 - ``taylor``: gradient-based, on calibration images: the first-order change of the loss when the unit's activation
   is removed, ``|a . dL/da|`` per image, averaged (Molchanov et al. 2019; Michel et al. 2019 for heads). Unlike
   weight magnitude it sees what the data drives and what the later layers and the classifier actually use.
@@ -18,6 +20,15 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autocompress_pruning.surgery import (
+    AttentionAdapter,
+    MlpAdapter,
+    attention_adapter,
+    attention_problem,
+    mlp_adapter,
+    mlp_problem,
+)
 
 CRITERIA: dict[str, str] = {
     "l1": "sum of |weights| of the unit (no data)",
@@ -38,23 +49,17 @@ def weight_scores(block: nn.Module, heads: bool, channels: bool, p: int) -> Bloc
     """Magnitude scores (``p`` = 1 or 2) from the weights alone."""
     out = BlockScores()
     if heads:
-        attn = block.attn
-        h, d = attn.num_heads, attn.head_dim
-        qkv = attn.qkv.weight.detach().view(3, h, d, -1).transpose(0, 1).reshape(h, -1)  # head -> its q,k,v rows
-        proj = attn.proj.weight.detach().view(-1, h, d).transpose(0, 1).reshape(h, -1)  # head -> its proj columns
-        out.heads = _norm(torch.cat([qkv, proj], dim=1), p)
+        out.heads = _norm(_attention(block).head_weights(block.attn), p)
     if channels:
-        mlp = block.mlp
-        fc1 = mlp.fc1.weight.detach()
-        fc2 = mlp.fc2.weight.detach().t()
-        out.channels = _norm(torch.cat([fc1, fc2], dim=1), p)
+        out.channels = _norm(_mlp(block).channel_weights(block.mlp), p)
     return out
 
 
 def random_scores(block: nn.Module, heads: bool, channels: bool, generator: torch.Generator) -> BlockScores:
+    """Seeded random scores, one per current head / hidden channel."""
     return BlockScores(
-        heads=torch.rand(block.attn.num_heads, generator=generator) if heads else None,
-        channels=torch.rand(block.mlp.fc1.out_features, generator=generator) if channels else None,
+        heads=torch.rand(_attention(block).heads(block.attn), generator=generator) if heads else None,
+        channels=torch.rand(_mlp(block).width(block.mlp), generator=generator) if channels else None,
     )
 
 
@@ -68,9 +73,10 @@ def taylor_scores(
 
     Removing a unit zeroes its activation ``a``; to first order the loss changes by ``-a . dL/da``. Per image the
     change is summed over tokens (and a head's dimensions) and its magnitude averaged over images. The loss is the
-    cross-entropy against the model's own predictions, so no labels are needed. Hooks read the input of
-    ``attn.proj`` (the concatenated head outputs) and of ``mlp.fc2`` (the hidden activations) of the unpruned
-    model; gradients are taken with respect to those activations only, so the weights' ``.grad`` is never touched.
+    cross-entropy against the model's own predictions, so no labels are needed. Hooks read the input of the module
+    after the heads (``attn.proj`` for every supported kind: the concatenated head outputs) and of the hidden
+    activation's reader (``mlp.fc2``) of the unpruned model; gradients are taken with respect to those activations
+    only, so the weights' ``.grad`` is never touched.
     ``between_batches`` runs before each batch (the trial's time limit check).
     """
     blocks = {name: model.get_submodule(name) for name in wanted}
@@ -84,10 +90,13 @@ def taylor_scores(
         return hook
 
     for name, (heads, channels) in wanted.items():
+        block = blocks[name]
         if heads:
-            handles.append(blocks[name].attn.proj.register_forward_pre_hook(keep_input((name, "heads"))))
+            target = _attention(block).heads_output(block.attn)
+            handles.append(target.register_forward_pre_hook(keep_input((name, "heads"))))
         if channels:
-            handles.append(blocks[name].mlp.fc2.register_forward_pre_hook(keep_input((name, "channels"))))
+            target = _mlp(block).hidden_output(block.mlp)
+            handles.append(target.register_forward_pre_hook(keep_input((name, "channels"))))
     totals: dict[tuple[str, str], torch.Tensor] = {}
     images_seen = 0
     was_training = model.training
@@ -109,7 +118,8 @@ def taylor_scores(
                 change = (act * grad.float()).reshape(act.shape[0], -1, act.shape[-1]).sum(1)  # image x width
                 if key[1] == "heads":
                     attn = blocks[key[0]].attn
-                    change = change.view(change.shape[0], attn.num_heads, attn.head_dim).sum(-1)
+                    adapter = _attention(blocks[key[0]])
+                    change = change.view(change.shape[0], adapter.heads(attn), adapter.head_dim(attn)).sum(-1)
                 _accumulate(totals, key, change.abs().sum(0))
             images_seen += int(images.shape[0])
     finally:
@@ -132,6 +142,20 @@ def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
     """Indices of the ``keep`` highest scores, in their original order (ties: the earlier index wins)."""
     order = torch.argsort(scores, descending=True, stable=True)
     return sorted(order[:keep].tolist())
+
+
+def _attention(block: nn.Module) -> AttentionAdapter:
+    adapter = attention_adapter(getattr(block, "attn", None))
+    if adapter is None:
+        raise ValueError(attention_problem(block))
+    return adapter
+
+
+def _mlp(block: nn.Module) -> MlpAdapter:
+    adapter = mlp_adapter(getattr(block, "mlp", None))
+    if adapter is None:
+        raise ValueError(mlp_problem(block))
+    return adapter
 
 
 def _norm(rows: torch.Tensor, p: int) -> torch.Tensor:

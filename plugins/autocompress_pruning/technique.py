@@ -1,5 +1,9 @@
 """The pruning technique: per transformer block, how many attention heads and how much MLP width to keep.
 
+Candidate layers are the blocks whose attention or MLP is of a kind ``surgery.py`` knows (timm's standard
+``Attention``/``Mlp``, BEiT's and EVA-02's attention, ``SwiGLU``, ``GluMlp``); each knob is checked on its own, so a
+block with a supported MLP but an unsupported attention still offers ``mlp``.
+
 Knobs are fractions, so one search space fits models with any head count and width, and "keep everything" is the
 same value (1.0) for every model and block. A fraction becomes a count by rounding to the nearest integer (halves
 up): with 3 heads, 0.67 keeps 2 and 0.34 keeps 1; with 6 heads, 0.5 keeps 3. A fraction that would keep nothing is
@@ -29,7 +33,14 @@ from autocompress_pruning.importance import (
     top_indices,
     weight_scores,
 )
-from autocompress_pruning.surgery import attention_problem, mlp_problem, prune_heads, prune_mlp
+from autocompress_pruning.surgery import (
+    attention_adapter,
+    attention_problem,
+    mlp_adapter,
+    mlp_problem,
+    prune_heads,
+    prune_mlp,
+)
 
 _CACHE_KEY = "pruning.taylor_scores"
 
@@ -95,11 +106,11 @@ class PruningTechnique(Technique):
             raise ValueError(f"{knob} is the fraction to keep, a number in (0, 1] (1.0 keeps everything)")
         if knob == "heads":
             problem = attention_problem(block)
-            total = None if problem else block.attn.num_heads
+            total = None if problem else attention_adapter(block.attn).heads(block.attn)
             unit = "heads"
         else:
             problem = mlp_problem(block)
-            total = None if problem else block.mlp.fc1.out_features
+            total = None if problem else mlp_adapter(block.mlp).width(block.mlp)
             unit = "MLP channels"
         if float(value) == 1.0:
             return None

@@ -89,6 +89,8 @@ class Fp32Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.inner = linear
+        # like every converted Linear, it tells its shape (what counts read, e.g. the pruning plugin's mlp_widths)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.float()).to(x.dtype)
@@ -160,6 +162,17 @@ class PackedIntWeightLinear(nn.Module):
 QUANTIZED_MODULES = (Bf16Linear, DynamicInt8Linear, Fp32Linear, PackedIntWeightLinear)
 
 
+def let_parent_call(parent: nn.Module, attr: str) -> None:
+    """Make ``parent`` call its converted ``attr`` module rather than read its weight.
+
+    timm's BEiT and EVA attention add their separate q/k/v biases with ``F.linear(x, qkv.weight, bias)`` unless
+    ``qkv_bias_separate`` is set, which bypasses whatever replaced ``qkv`` (it has no fp32 ``weight``). With the flag
+    set they call ``qkv`` and add the biases to its output: the same sum.
+    """
+    if attr == "qkv" and getattr(parent, "q_bias", None) is not None and hasattr(parent, "qkv_bias_separate"):
+        parent.qkv_bias_separate = True
+
+
 def bf16_activations(model: nn.Module) -> None:
     """Run everything that is not a format-converted Linear in bf16: norms, attention, embeddings, residuals.
 
@@ -173,7 +186,9 @@ def bf16_activations(model: nn.Module) -> None:
         if isinstance(module, nn.Linear) and id(module) not in protected:
             wrapper = Fp32Linear(module)
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, wrapper)
+            let_parent_call(parent, attr)
             protected.update((id(wrapper), id(module)))
     for module in model.modules():
         if id(module) in protected:

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from torch import nn
 
-from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings, replace_module
+from autocompress.technique import (
+    ApplyContext,
+    Stage,
+    Technique,
+    TechniqueSettings,
+    get_submodule_parent,
+    replace_module,
+)
 
-from autocompress_quantization.modules import Bf16Linear, DynamicInt8Linear, PackedIntWeightLinear, bf16_activations
+from autocompress_quantization.modules import (
+    Bf16Linear,
+    DynamicInt8Linear,
+    PackedIntWeightLinear,
+    bf16_activations,
+    let_parent_call,
+)
 
 #: format name -> True when it has a real kernel here
 FORMATS = {"fp32": True, "bf16": True, "int8_dynamic": True, **{f"int{k}_weight": False for k in range(2, 9)}}
@@ -52,6 +65,7 @@ class QuantizationTechnique(Technique):
             target = model.get_submodule(layer)
             if isinstance(target, nn.Linear):
                 replace_module(model, layer, convert_linear(target, fmt))
+                let_parent_call(*get_submodule_parent(model, layer))
                 continue
             # An earlier technique replaced the layer by a composite (e.g. two low-rank factors): convert its parts.
             inner = [n for n, m in target.named_modules() if isinstance(m, nn.Linear) and n]
