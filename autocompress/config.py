@@ -76,6 +76,9 @@ class SearchConfig:
     latency_model: bool = False
     latency_model_margin: float = 1.3
     latency_table: str | None = None  # the table file; default: in the user cache ($AUTOCOMPRESS_CACHE_DIR)
+    # latency budgets: choices measured slower than the uncompressed model on this machine (bf16 on a CPU with AVX2
+    # alone) are left out of the search and logged; true keeps them (see autocompress/screening.py)
+    keep_slow_choices: bool = False
 
 
 @dataclass

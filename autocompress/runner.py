@@ -10,7 +10,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,12 +19,14 @@ from autocompress.budget import Budget
 from autocompress.compose import apply_policy, simulated_layers
 from autocompress.config import RunConfig
 from autocompress.costs import measure_latency, memory_mb, paired_ratio
+from autocompress.cpu import cpu_info
 from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
 from autocompress.errors import InputError, TechniqueError
 from autocompress.evaluate import accuracy
 from autocompress.models import create_model, load_checkpoint
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
+from autocompress.screening import measure_slow_choices, without_choices
 from autocompress.space import ResolvedSpace, SearchSpace
 from autocompress.technique import ApplyContext, Stage, TrialStopped  # TrialStopped: re-exported
 from autocompress.timelimit import TrialTimeout, time_limit
@@ -37,9 +39,21 @@ class Baseline:
     latency_ms: float
     memory_mb: float
     val_accuracy: float
+    #: choices measured slower than the uncompressed model on this machine, left out of a latency-budget search
+    #: (see screening.py): part of the baseline, so a resumed run and every worker search the same space
+    slow_choices: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float]:
-        return {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy}
+    def to_dict(self) -> dict[str, Any]:
+        return {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy,
+                "slow_choices": dict(self.slow_choices)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Baseline":
+        """From :meth:`to_dict` (a run written before ``slow_choices`` existed has none); KeyError/ValueError/TypeError
+        when a number is missing or not one."""
+        slow = data.get("slow_choices") or {}
+        return cls(*(float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")),
+                   slow_choices={str(k): float(v) for k, v in dict(slow).items()})
 
 
 @dataclass
@@ -172,8 +186,17 @@ def prepare(
             memory_mb=memory_mb(model),
             val_accuracy=accuracy(model, data.val),
         )
+        if budget.metric == "latency_ms" and not config.search.keep_slow_choices:
+            log("timing each choice against the uncompressed model ...")
+            base.slow_choices = measure_slow_choices(model, resolved, plugins.techniques, example, config.target)
     else:
-        base = Baseline(**baseline)
+        base = Baseline.from_dict(baseline)
+    if base.slow_choices:
+        cpu = cpu_info().label
+        for label, ratio in base.slow_choices.items():
+            log(f"{label}: {ratio:.1f}x the uncompressed model's time on this CPU ({cpu}): left out of the search "
+                "(search.keep_slow_choices: true keeps it)")
+        resolved = without_choices(resolved, base.slow_choices)
     latency_model = None
     if config.search.latency_model and budget.metric == "latency_ms":
         from autocompress.latency_model import predictor_for_run

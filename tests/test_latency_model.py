@@ -308,7 +308,8 @@ def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp
         "target": {"threads": 2, "batch_size": 64, "warmup": 1, "repeats": 5},
         # margin 1.0: every candidate predicted over the budget is skipped, the uncompressed one first
         "budget": f"latency={budget:.4f}x", "space": str(space_file), "out": str(tmp_path / "run"),
-        "search": {"trials": 4, "sampler": "random", "seed": 0, "latency_model": True, "latency_model_margin": 1.0},
+        "search": {"trials": 4, "sampler": "random", "seed": 0, "latency_model": True, "latency_model_margin": 1.0,
+                   "keep_slow_choices": True},  # the predictor is tested here, on every format, slow ones too
     })
     logged: list[str] = []
     result = autocompress.search(config, data=fmnist, progress=False, log=logged.append)

@@ -28,7 +28,7 @@ from autocompress.policy import _yaml_where
 from autocompress.results import (
     SearchResult, closest_to_budget, params_of, pareto_front, summary_table, timing_drift, trials_frame,
 )
-from autocompress.runner import RunContext, prepare
+from autocompress.runner import Baseline, RunContext, prepare
 
 __all__ = ["search", "BACKENDS", "finish_run"]
 
@@ -261,19 +261,19 @@ def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
             )
 
 
-def _shared_baseline(storage: str) -> dict[str, float] | None:
+def _shared_baseline(storage: str) -> dict[str, Any] | None:
     from autocompress.search.optuna_backend import STUDY_NAME
     from autocompress.search.storage import study_user_attrs
 
     base = (study_user_attrs(storage, STUDY_NAME) or {}).get("baseline")
-    return {k: float(base[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")} if isinstance(base, dict) else None
+    return Baseline.from_dict(base).to_dict() if isinstance(base, dict) else None
 
 
-def _saved_baseline(run_dir: Path) -> dict[str, float]:
+def _saved_baseline(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "baseline.yaml"
     try:
         data = yaml.safe_load(path.read_text()) or {}
-        return {k: float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        return Baseline.from_dict(data).to_dict()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
         why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__}: {exc}"
         raise InputError(str(path), f"cannot read the saved baseline ({why})") from None

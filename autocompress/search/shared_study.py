@@ -106,7 +106,7 @@ def join_study(run: RunContext, storage: optuna.storages.BaseStorage, url: str, 
         raise InputError("budget", f"{run.budget} differs from the shared study's {attrs.get('budget')} in {url}")
     if attrs.get("space") != space_fingerprint(run):
         raise InputError("space", f"the search space differs from the shared study's in {url}")
-    run.baseline = Baseline(**attrs["baseline"])
+    run.baseline = Baseline.from_dict(attrs["baseline"])
     if resume:  # the caller vouches that no other worker is alive: their RUNNING trials are dead
         for params, user_attrs in fail_interrupted(study):
             study.enqueue_trial(params, user_attrs={k: v for k, v in user_attrs.items() if k == "baseline"})
