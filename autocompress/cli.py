@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="time everything again, replacing the table")
     pr.add_argument("--space", help="search space file or builtin name (default: the config's)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("cpu", help="what this CPU's kernels are (the kind every figure is keyed to)",
+                   description="Print the CPU model, what torch dispatches to (get_cpu_capability), the flags that "
+                   "decide bf16/int8 speed, any AVX2 caps (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) and the measured "
+                   "speed of a bf16 GEMM against fp32 here.")
     for command in sub.choices.values():  # also accepted after the command: `autocompress search X --block-plugin Y`
         command.add_argument("--block-plugin", dest="block_plugin_after", action="append", default=[],
                              metavar="NAME", help="do not load the plugin NAME (repeatable)")
@@ -122,6 +126,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "profile":
         return _profile(args)
+    if args.command == "cpu":
+        from autocompress.cpu import describe
+
+        print(describe())
+        return 0
     raise AssertionError(args.command)
 
 

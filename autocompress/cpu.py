@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AVX2_CAPS", "FLAGS", "CpuInfo", "bf16_gemm_speedup", "cpu_info", "slow_bf16_reason"]
+__all__ = ["AVX2_CAPS", "FLAGS", "CpuInfo", "bf16_gemm_speedup", "cpu_info", "describe", "slow_bf16_reason"]
 
 #: environment that holds torch (ATen's kernel dispatch) and oneDNN to AVX2 on a CPU that has more
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -115,8 +115,10 @@ def _read_cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
-if __name__ == "__main__":  # python -m autocompress.cpu: what CI logs before each test run
+def describe() -> str:
+    """Two lines for people and logs (``autocompress cpu``, CI's log): the CPU, its kernels, the bf16 GEMM ratio."""
     info = cpu_info()
-    print(f"cpu: {info.model} | {info.label} | torch capability {info.capability} | flags: {' '.join(info.flags)}"
-          f"{' | caps ' + ' '.join(f'{k}={v}' for k, v in info.caps.items()) if info.caps else ''}")
-    print(f"bf16 GEMM 1024x384 @ 384x1152, {info.threads} threads: {bf16_gemm_speedup():.2f}x the speed of fp32")
+    caps = " | caps " + " ".join(f"{k}={v}" for k, v in info.caps.items()) if info.caps else ""
+    return (f"cpu: {info.model} | {info.label} | torch capability {info.capability} | flags: {' '.join(info.flags)}"
+            f"{caps}\nbf16 GEMM 1024x384 @ 384x1152, {info.threads} threads: {bf16_gemm_speedup():.2f}x the speed of "
+            "fp32")

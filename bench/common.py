@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,7 +12,16 @@ import torch
 
 from autocompress.cpu import cpu_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_folder() -> str:
+    """bench/results/<this>: results are kept per CPU kind ('avx512-bf16', 'avx2', 'avx2-capped-on-avx512-bf16'),
+    so a run on one kind never overwrites the figures of another."""
+    label = cpu_info().label.lower().replace("avx-512", "avx512").replace("capped on", "capped-on")
+    return re.sub(r"[^a-z0-9]+", "-", label).strip("-")
+
+
+RESULTS = Path(__file__).resolve().parent / "results" / cpu_folder()
 
 
 def machine() -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
     python bench/run_all.py [--only NAME ...] [--quick]
 
-Writes bench/results/*.json (one per benchmark), each benchmark's printed tables to bench/results/NAME.md, and
-bench/results/SUMMARY.md: every NAME.md present, in the order below (so ``--only`` refreshes some sections and keeps
-the others, each with the date it was taken).
+Writes, under bench/results/CPU/ (CPU: this machine's kind as torch sees it, e.g. ``avx512-bf16`` or ``avx2``; run
+with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for ``avx2-capped-on-...``), NAME.json (one per benchmark),
+each benchmark's printed tables to NAME.md, and SUMMARY.md: every NAME.md present, in the order below (so
+``--only`` refreshes some sections and keeps the others, each with the date it was taken).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from common import RESULTS
+
+from autocompress.cpu import cpu_info
 
 HERE = Path(__file__).resolve().parent
 #: name -> (script, normal args, quick args)
@@ -49,8 +54,8 @@ def main() -> None:
                         help="search_quality: reuse its finished random-search run (the longest part)")
     args = parser.parse_args()
     names = args.only or list(BENCHMARKS)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
+    results = RESULTS
+    results.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in names:
         script, normal, quick = BENCHMARKS[name]
@@ -69,7 +74,7 @@ def main() -> None:
             body += f"\n\nFAILED (exit {proc.returncode})"
         taken = f"taken {datetime.datetime.now().isoformat(timespec='minutes')}{' (--quick)' if args.quick else ''}"
         (results / f"{name}.md").write_text(f"## {name}\n\n{taken}: `{' '.join(cmd[1:])}`\n\n{body}\n")
-    sections = ["# autocompress benchmarks\n"]
+    sections = [f"# autocompress benchmarks on {cpu_info().label} ({cpu_info().model})\n"]
     sections += [(results / f"{n}.md").read_text() for n in BENCHMARKS if (results / f"{n}.md").is_file()]
     (results / "SUMMARY.md").write_text("\n".join(sections))
     print(f"wrote {results / 'SUMMARY.md'}")

@@ -23,13 +23,9 @@ torch.set_num_threads(2)
 
 def pytest_report_header(config) -> list[str]:
     """Every test log names the CPU it ran on: speed relations are this CPU's (see autocompress/cpu.py)."""
-    from autocompress.cpu import bf16_gemm_speedup, cpu_info
+    from autocompress.cpu import describe
 
-    info = cpu_info()
-    caps = " ".join(f"{k}={v}" for k, v in info.caps.items())
-    return [f"cpu: {info.model} | {info.label} | torch capability {info.capability} | flags: {' '.join(info.flags)}"
-            + (f" | caps: {caps}" if caps else ""),
-            f"bf16 GEMM here: {bf16_gemm_speedup():.2f}x the speed of fp32"]
+    return describe().splitlines()
 
 
 def pytest_collection_modifyitems(items) -> None:
