@@ -48,10 +48,8 @@ def measure_slow_choices(
     reference = _structure(model)
     for (tech, knob), values in _choices(space, techniques).items():
         for value in values:
-            params = space.identities
-            params.update({d.name: value for d in space.dimensions
-                           if d.technique == tech and d.knob == knob and value in d.choices})
-            candidate = apply_policy(model, space.policy(params), techniques, ApplyContext(structure_only=True))
+            policy = space.policy(space.uniform(tech, knob, value))
+            candidate = apply_policy(model, policy, techniques, ApplyContext(structure_only=True))
             if _structure(candidate) == reference:
                 continue  # runs exactly what the uncompressed model runs (an option such as a pruning criterion)
             ratio = paired_ratio(model, candidate, example, target.threads, warmup=1, repeats=1).median_ms

@@ -277,12 +277,17 @@ class ResolvedSpace:
             values: list[Any] = []
             for d in dims:
                 values += [v for v in d.choices if v not in values and v != d.identity]
-            for value in values:  # every layer that offers the value takes it
-                params = self.identities
-                params.update({d.name: value for d in dims if value in d.choices})
-                out[f"uniform {tech}.{knob}={value}"] = params
+            for value in values:
+                out[f"uniform {tech}.{knob}={value}"] = self.uniform(tech, knob, value)
         out.update(self.extra_baselines)
         return out
+
+    def uniform(self, technique: str, knob: str, value: Any) -> dict[str, Any]:
+        """Parameters with ``value`` on every dimension of ``technique.knob`` that offers it, identity elsewhere."""
+        params = self.identities
+        params.update({d.name: value for d in self.dimensions
+                       if d.technique == technique and d.knob == knob and value in d.choices})
+        return params
 
     def composed_baselines(self, costs: Mapping[str, float], limit: float = 0.0,
                            margin: float = 0.8) -> dict[str, dict[str, Any]]:

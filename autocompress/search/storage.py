@@ -178,6 +178,7 @@ class InterruptSafeStorage(optuna.storages.BaseStorage):
         if close is not None:
             close()
 
+    # every public method, defined in the class body so that BaseStorage's abstract methods count as implemented
     for _name in sorted(n for n in dir(optuna.storages.BaseStorage)
                         if not n.startswith("_") and callable(getattr(optuna.storages.BaseStorage, n))):
         locals()[_name] = _deferring(_name)

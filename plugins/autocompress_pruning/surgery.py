@@ -92,9 +92,9 @@ class AttentionAdapter:
 
     def problem(self, attn: nn.Module) -> str | None:
         """Why this attention's heads cannot be pruned, or None."""
-        names = [name for name, _ in self.projections(attn)] + ["proj"]
-        if not all(isinstance(getattr(attn, name, None), nn.Linear) for name in names):
-            return f"{'/'.join(names)} are no longer plain Linear layers (pruning must run before other techniques)"
+        problem = _not_plain_linears(attn, [name for name, _ in self.projections(attn)] + ["proj"])
+        if problem:
+            return problem
         gate = getattr(attn, "gate", None)
         if gate is not None and not isinstance(gate, nn.Linear):
             return "the attention gate is not a Linear layer"
@@ -286,9 +286,9 @@ class MlpAdapter:
         return mlp.fc2
 
     def problem(self, mlp: nn.Module) -> str | None:
-        names = [name for name, _ in self.inputs(mlp)] + ["fc2"]
-        if not all(isinstance(getattr(mlp, name, None), nn.Linear) for name in names):
-            return f"{'/'.join(names)} are no longer plain Linear layers (pruning must run before other techniques)"
+        problem = _not_plain_linears(mlp, [name for name, _ in self.inputs(mlp)] + ["fc2"])
+        if problem:
+            return problem
         norm = getattr(mlp, "norm", None)
         if norm is not None and not isinstance(norm, (nn.Identity, nn.LayerNorm)):
             return f"the MLP hidden norm is a {type(norm).__name__}, not a LayerNorm"
@@ -455,3 +455,10 @@ def _keep_norm(norm: nn.LayerNorm, idx: torch.Tensor) -> None:
     if norm.bias is not None:
         norm.bias = _param(norm.bias[idx.to(norm.bias.device)], norm.bias)
     norm.normalized_shape = (int(idx.numel()),)
+
+
+def _not_plain_linears(module: nn.Module, names: list[str]) -> str | None:
+    """Surgery slices nn.Linear weights: a replaced layer (low rank, quantized) means pruning ran too late."""
+    if all(isinstance(getattr(module, name, None), nn.Linear) for name in names):
+        return None
+    return f"{'/'.join(names)} are no longer plain Linear layers (pruning must run before other techniques)"
