@@ -24,6 +24,7 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,7 +35,14 @@ from autocompress.errors import InputError
 from autocompress.policy import Policy, _yaml_where, param_name
 from autocompress.technique import Technique
 
-BUILTIN_SPACES_DIRS = (Path(__file__).resolve().parent.parent / "search_spaces",)  # the source checkout
+#: where a builtin space name ('vit') is looked up: inside the installed package (a wheel carries search_spaces/ as
+#: autocompress/_spaces, see hatch_build.py), then the source checkout (an editable install)
+BUILTIN_SPACES_DIRS = tuple(
+    folder
+    for folder in (Path(str(resources.files("autocompress") / "_spaces")),
+                   Path(__file__).resolve().parent.parent / "search_spaces")
+    if folder.is_dir()
+)
 
 
 @dataclass(frozen=True)
