@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from autocompress.export import ExportPlan
     from autocompress.technique import Technique
 
 PROJECT = "autocompress"
@@ -42,4 +45,21 @@ def autocompress_trial_completed(record: dict) -> None:
     ``record`` holds ``number``, ``state``, ``feasible``, ``val_accuracy``, ``latency_ms``, ``memory_mb``, the chosen
     settings and ``error``. Use it for logging or external tracking; the return value is ignored and an exception
     here is reported but does not fail the trial.
+    """
+
+
+# --- export (called once per export, on a copy of the compressed model) -------------------------------------------
+
+
+@hookspec
+def autocompress_prepare_export(model: "nn.Module", plan: "ExportPlan") -> None:
+    """Make the modules your technique put into ``model`` exportable to ``plan.target`` (``"onnx"`` or
+    ``"openvino"``), and say what the exported file must hold.
+
+    ``model`` is a copy of the compressed model; change it in place. Replace a module the exporter cannot trace
+    (a custom kernel such as ``torch.ops.quantized``) by plain torch modules that compute the same. Call
+    ``plan.int8(name)`` for each ``nn.Linear`` (by module name in ``model``) that must be int8 in the file, and
+    ``plan.refuse(name, reason)`` for a setting that has no export path (the export stops with ``name: reason``,
+    writing nothing). Modules that are plain torch already (pruned or factorized Linears) need nothing. Every
+    plugin's implementation is called; one that raises fails the export, naming the plugin.
     """

@@ -7,9 +7,10 @@ turned off (``AUTOCOMPRESS_DISABLE_PLUGIN_AUTOLOAD=1`` keeps only the distributi
 name), implements one with the wrong arguments, or raises while registering is reported by name
 (:attr:`Plugins.errors`) without breaking the others.
 
-Hooks other than registration are notifications (``autocompress_trial_completed``): each plugin's implementation is
-called on its own, so one that raises is reported by name (a :class:`PluginWarning`, kept in
-:attr:`Plugins.hook_errors`) and the others still hear the event.
+Hooks other than registration and export preparation are notifications (``autocompress_trial_completed``): each
+plugin's implementation is called on its own, so one that raises is reported by name (a :class:`PluginWarning`, kept
+in :attr:`Plugins.hook_errors`) and the others still hear the event. An export preparation that raises fails the
+export instead (a half-prepared model would be exported wrong).
 
 As in pytest, a function named with the hook prefix (``autocompress_*``) is taken as a hook implementation even
 without ``@hookimpl``, so a misspelt hook name is reported instead of silently never called.
@@ -37,6 +38,8 @@ NO_AUTOLOAD_ENV = "AUTOCOMPRESS_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_DISTRIBUTIONS = frozenset({"autocompress"})
 HOOK_PREFIX = "autocompress_"
 IN_CODE = "(registered in code)"
+#: hooks whose failure must stop the caller (not notifications): called through their own per-plugin guard
+CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_prepare_export"})
 
 
 class PluginWarning(UserWarning):
@@ -173,7 +176,7 @@ def _isolate_notifications(pm: pluggy.PluginManager, registry: Plugins) -> None:
     """Wrap every implementation of a notification hook so its exception is reported by plugin name instead of
     stopping pluggy's loop (which would hide the event from the plugins after it)."""
     for hook_name in pm.hook.__dict__:
-        if not hook_name.startswith(HOOK_PREFIX) or hook_name == "autocompress_register_techniques":
+        if not hook_name.startswith(HOOK_PREFIX) or hook_name in CALLED_FOR_RESULTS:
             continue
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             if not (impl.hookwrapper or impl.wrapper):

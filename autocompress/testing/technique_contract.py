@@ -24,7 +24,10 @@ is checked is what the core and the user rely on:
 - ``simulated_layers`` is honest: it names only layers the setting changes, every module that flags itself
   ``simulated = True`` lies in a reported layer, and a setting claimed to be faster (:class:`SpeedupClaim`) is not
   simulated and is measurably faster than the dense model (interleaved A/B timing);
-- ``check_value`` rejects garbage with ``ValueError``.
+- ``check_value`` rejects garbage with ``ValueError``;
+- every choice exports to ONNX (where ``onnxruntime`` is installed) and the file gives the torch model's outputs in
+  ONNX Runtime, or the export is refused with an :class:`~autocompress.errors.InputError` naming a layer and writes
+  nothing (see the ``autocompress_prepare_export`` hook).
 
 Override :meth:`TechniqueContract.space_for`, :meth:`TechniqueContract.make_context` or
 :meth:`TechniqueContract.garbage_values` where a technique needs it; set ``models`` to add or replace models.
@@ -433,6 +436,34 @@ class TechniqueContract:
                 with pytest.raises(ValueError):
                     tech.check_value(case.model, None, knob, value)
                     pytest.fail(f"check_value accepted {value!r} for option {knob}")
+
+    def export_plugins(self) -> Plugins:
+        """The plugins whose ``autocompress_prepare_export`` run before export: the installed ones."""
+        return _installed_plugins()
+
+    def test_exports_to_onnx_or_refuses_naming_the_layer(self, tmp_path: Path) -> None:
+        """Each choice of the space on the first model: the ONNX file matches torch in ONNX Runtime (the export's own
+        check: fp32 error, or top-1 agreement where layers are int8), or the export says which layer it cannot
+        export, in one line, and leaves nothing behind."""
+        pytest.importorskip("onnxruntime", reason="export checks need autocompress[onnx]")
+        from autocompress.errors import InputError
+        from autocompress.export import export_model
+
+        spec = self.models[0]
+        case = self._case(spec)
+        images = spec.images(64, seed=1)
+        plugins = self.export_plugins()
+        for label, policy in self._uniform_groups(case):
+            out = tmp_path / f"{label.replace('=', '-').replace(chr(39), '')}.onnx"
+            model = self._apply(case, policy)
+            try:
+                result = export_model(model, "onnx", out, images, plugins=plugins, threads=1, log=lambda _: None)
+            except InputError as exc:
+                assert "\n" not in str(exc) and exc.field, f"{label}: a refusal is one line naming the layer: {exc}"
+                assert not list(tmp_path.iterdir()), f"{label}: a refused export left {sorted(tmp_path.iterdir())}"
+                continue
+            assert result.check.passed and out.is_file(), f"{label}: {result.check.summary('onnx')}"
+            out.unlink()
 
     def test_claimed_speedup_is_real_and_measured(self, claim: SpeedupClaim) -> None:
         why_not = claim.requires() if claim.requires is not None else None
