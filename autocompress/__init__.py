@@ -5,6 +5,7 @@
     result.pareto            # feasible Pareto front (pandas), with test accuracy
     result.best_policy       # autocompress.Policy
     small = autocompress.apply(model, result.best_policy)
+    autocompress.export(result.run_dir, "onnx", "small.onnx")   # or "openvino", "small.xml"
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from autocompress.compose import apply_policy, load_compressed, save_compressed
 from autocompress.config import RunConfig, load_config
 from autocompress.costs import measure_latency, memory_mb, weight_bytes
 from autocompress.errors import AutocompressError, InputError, TechniqueError
+from autocompress.export import ExportResult, export
 from autocompress.hookspecs import hookimpl
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
@@ -32,10 +34,10 @@ from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSett
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApplyContext", "AutocompressError", "Budget", "InputError", "Plugins", "Policy", "RunConfig", "SearchResult",
-    "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "TrialStopped", "apply", "hookimpl",
-    "load_compressed", "load_config", "load_plugins", "measure_latency", "memory_mb", "save_compressed", "search",
-    "weight_bytes",
+    "ApplyContext", "AutocompressError", "Budget", "ExportResult", "InputError", "Plugins", "Policy", "RunConfig",
+    "SearchResult", "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "TrialStopped", "apply",
+    "export", "hookimpl", "load_compressed", "load_config", "load_plugins", "measure_latency", "memory_mb",
+    "save_compressed", "search", "weight_bytes",
 ]
 
 
