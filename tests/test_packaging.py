@@ -1,4 +1,4 @@
-"""What `pip install .` ships: the builtin search spaces are inside the wheel, and the
+"""What `pip install .` ships: the builtin search spaces and the report's template are inside the wheel, and the
 default `space: vit` resolves from an installed copy run in another folder, not only from the source checkout."""
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def test_the_wheel_carries_the_builtin_spaces_and_an_installed_copy_resolves_spa
         names = set(archive.namelist())
         for space in sorted((REPO / "search_spaces").glob("*.yaml")):
             assert archive.read(f"autocompress/_spaces/{space.name}") == space.read_bytes(), space.name
+        for template in ("report.html.j2", "report.css"):
+            assert f"autocompress/report/templates/{template}" in names, template
     # the data travels inside the package: nothing generic becomes importable after install
     assert not any(n.split("/")[0] in ("search_spaces", "plugins", "tests") for n in names)
 
@@ -56,8 +58,8 @@ def test_the_wheel_carries_the_builtin_spaces_and_an_installed_copy_resolves_spa
         assert not [n for n in archive.namelist() if n.startswith("autocompress/")]
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-compile", "--target",
-                    str(site), str(wheel)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-compile",
+                    "--target", str(site), str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}

@@ -420,3 +420,23 @@ def test_long_composed_baseline_labels_do_not_collapse_the_plots(tmp_path):
         warnings.simplefilter("error")
         page = parse(write_report(run))
     assert {"plot-accuracy-latency", "plot-accuracy-memory"} <= set(page.images)
+
+
+def test_text_from_the_run_is_shown_as_text_never_as_markup(tmp_path):
+    """Error messages, policy summaries and baseline labels come from plugins and configs: the page shows them as
+    written, and a '<script>' in one of them is never a tag."""
+    fmt = "blocks.0.attn.qkv:quantization.format"
+    rows = [
+        record(0, baseline="uncompressed", latency_ms=10.0, memory_mb=2.0, skipped="latency over budget",
+               policy="uncompressed", **{fmt: "fp32"}),
+        record(1, feasible=True, val_accuracy=0.84, latency_ms=4.0, memory_mb=1.0, baseline='uniform "<b>" & co',
+               policy="<i>quantization</i>: 1 layers", **{fmt: "bf16"}),
+        record(2, state="FAIL", error="TechniqueError: <script>alert('x')</script> & more", **{fmt: "bf16"}),
+    ]
+    run = write_run(tmp_path / "markup", rows, budget="latency=0.5x", pareto=[1])
+    html = write_report(run).read_text()
+    page = parse(run / "report.html")
+    assert "<script>" not in html and "<i>" not in html and "<b>" not in html
+    assert "<script>alert('x')</script> & more" in page.text["not-within-budget"]
+    assert "<i>quantization</i>: 1 layers" in page.text["pareto"] and 'uniform "<b>" & co' in page.text["pareto"]
+    assert page.trials_in("baseline-trials") == [0, 1]
