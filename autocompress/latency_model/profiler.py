@@ -56,6 +56,10 @@ from autocompress.technique import ApplyContext, Technique
 
 #: each timed sample of a layer repeats the call until it lasts this long, so sub-millisecond layers time well
 MIN_SAMPLE_MS = 2.0
+#: variant rounds stop after this many once every ratio is stable (see _Session._rounds), else run Timing.rounds
+MIN_ROUNDS = 5
+#: stable: the per-round ratios' interquartile range within this fraction of their median
+STABLE_SPREAD = 0.08
 #: how many variants are realised and timed together (bounds the memory held by realised models)
 CHUNK = 32
 #: how many congruent blocks of one pass carry the same variant (their times are summed before the ratio is taken)
@@ -419,7 +423,19 @@ class _Session:
             p.hook_also(hooked)
         base = _Pass(self.model, self.example, hooked, self.timing.clock)
         plain = self._item(lambda: self.model(self.example)) if wholes else None
-        self._rounds([base, *passes, *wholes.values(), *([plain] if plain else [])])
+        def ratio_rounds() -> list[list[float]]:
+            """Per variant, its per-round ratios so far (what decides whether more rounds are needed)."""
+            out = []
+            for p in passes:
+                for _, hooks in p.variants:
+                    out.append([sum(p.times[h][r] for h in hooks) / max(1e-9, sum(base.times[h][r] for h in hooks))
+                                for r in range(len(p.samples))])
+            for item in wholes.values():
+                out.append([a / max(1e-9, b) for a, b in zip(item.samples, plain.samples)])
+            return out
+
+        self._rounds([base, *passes, *wholes.values(), *([plain] if plain else [])], stable=lambda: all(
+            _stable(r) for r in ratio_rounds()))
         for p in passes:
             for v, hooks in p.variants:
                 variant = [sum(p.times[h][r] for h in hooks) for r in range(len(p.samples))]
@@ -510,14 +526,15 @@ class _Session:
         p.variants = [(v, group) for (v, *_), group in zip(placed, hooks)]
         return p
 
-    def _rounds(self, items: list[_Item]) -> None:
+    def _rounds(self, items: list[_Item], stable: Callable[[], bool] | None = None) -> None:
+        """Time ``items`` round by round. With ``stable``, rounds stop once it says the ratios are settled (at least
+        ``MIN_ROUNDS``): most variants' per-round ratios agree within a few percent after five rounds, and each
+        round is a whole forward pass per realised model, the bulk of a profile's time."""
         if not items:
             self.step(self.timing.rounds)
             return
-        for item in items:  # warm up, and size each sample to MIN_SAMPLE_MS
-            for _ in range(max(1, self.timing.warmup)):
-                item.fn()
-            start = self.timing.clock()
+        for item in items:  # one call warms the item up (its kernels are the uncompressed model's, already warm)
+            start = self.timing.clock()  # and sizes each sample to MIN_SAMPLE_MS
             item.fn()
             once = (self.timing.clock() - start) * 1000.0
             item.inner = max(1, min(1000, math.ceil(MIN_SAMPLE_MS / max(once, 1e-4))))
@@ -526,6 +543,9 @@ class _Session:
             for item in items[shift:] + items[:shift]:
                 item.sample()
             self.step(1)
+            if stable is not None and r + 1 >= MIN_ROUNDS and r + 1 < self.timing.rounds and stable():
+                self.step(self.timing.rounds - r - 1)
+                return
 
     def _realise(self, name: str, settings: tuple[Setting, ...]) -> _Variant:
         key = settings_key(settings)
@@ -669,6 +689,15 @@ def path_copy(model: nn.Module, subtree: str) -> nn.Module:
 def _residuals(p: "_Pass", roots: list[str]) -> list[float]:
     """Per round: the pass's total minus its top-level layers (what the residual is, measured in one pass)."""
     return [p.times[MODEL][r] - sum(p.times[n][r] for n in roots if n in p.times) for r in range(len(p.samples))]
+
+
+def _stable(ratios: list[float]) -> bool:
+    """Whether more rounds would barely move the median: the rounds' interquartile range is within
+    ``STABLE_SPREAD`` of the median."""
+    if len(ratios) < MIN_ROUNDS:
+        return False
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return median > 0 and (q3 - q1) / median <= STABLE_SPREAD
 
 
 def _paired_ratio(variant: list[float], reference: list[float]) -> float:
