@@ -55,6 +55,11 @@ def render_page(run: RunData, figures: dict[str, Picture], picture: LayerPicture
         pareto=[_pareto_row(row, run) for _, row in run.pareto.iterrows()],
         baselines=[_baseline_row(row) for _, row in (t[t["baseline"] != ""] if len(t) else t).iterrows()],
         outcomes=_outcomes(run),
+        phases=[{"name": name, "seconds": f"{seconds:.0f}"} for name, seconds in run.phases.items()],
+        slow=[{"choice": label, "ratio": f"{ratio:.1f}x"} for label, ratio in run.slow_choices.items()],
+        solver=[] if run.solver is None else [
+            {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
+            for row in run.solver.to_dict("records")],
         about={"files": sorted(p.name for p in run.run_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
                "source": run.source, "run_dir": str(run.run_dir), "notes": run.notes,
                "generated": datetime.now().strftime("%Y-%m-%d %H:%M")},

@@ -23,7 +23,7 @@ from autocompress.policy import parse_param_name
 from autocompress.results import RECORD_COLUMNS, pareto_front, trials_frame
 
 RUN_FILES = ("trials.csv", "study.db", "config.yaml", "baseline.yaml")
-_TEXT_COLUMNS = ("state", "simulated", "baseline", "policy", "skipped", "error")
+_TEXT_COLUMNS = ("state", "simulated", "origin", "baseline", "seed", "policy", "skipped", "error")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class RunData:
     finished: bool
     source: str  # where the trials came from: "trials.csv", "study.db" or "" (none yet)
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # phases.yaml: what the run did, in seconds
+    slow_choices: dict[str, float] = field(default_factory=dict)  # left out of the search on this CPU (screening)
+    solver: pd.DataFrame | None = None  # solver.csv: the solver's seeds
 
     @property
     def metric(self) -> str:
@@ -88,8 +91,11 @@ def load_run(run_dir: str | Path) -> RunData:
         raise InputError(str(run_dir), f"no autocompress run here (none of {', '.join(RUN_FILES)})")
     notes: list[str] = []
     config = _read_yaml(run_dir / "config.yaml", notes) or {}
-    baseline = {k: float(v) for k, v in (_read_yaml(run_dir / "baseline.yaml", notes) or {}).items()
-                if isinstance(v, (int, float))}
+    saved_baseline = _read_yaml(run_dir / "baseline.yaml", notes) or {}
+    baseline = {k: float(v) for k, v in saved_baseline.items() if isinstance(v, (int, float))}
+    slow = saved_baseline.get("slow_choices") if isinstance(saved_baseline, dict) else None
+    phases = _read_yaml(run_dir / "phases.yaml", notes) if (run_dir / "phases.yaml").is_file() else None
+    solver = _read_csv(run_dir / "solver.csv", notes) if (run_dir / "solver.csv").is_file() else None
     budget = _budget(config, notes)
     limit = math.nan
     if budget is not None:
@@ -119,6 +125,9 @@ def load_run(run_dir: str | Path) -> RunData:
         run_dir=run_dir, config=config, baseline=baseline, trials=trials, pareto=pareto,
         params=param_columns(trials.columns), best_policy=best_policy, budget=budget, limit=limit,
         finished=finished, source=source, notes=notes,
+        phases={str(k): float(v) for k, v in (phases or {}).items() if isinstance(v, (int, float))},
+        slow_choices={str(k): float(v) for k, v in (slow or {}).items() if isinstance(v, (int, float))},
+        solver=solver,
     )
 
 
