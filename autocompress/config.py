@@ -17,6 +17,7 @@ from autocompress.errors import InputError
 from autocompress.policy import _yaml_where
 
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+STRATEGIES = ("solve", "sample")
 #: search.objective -> the early-stopping rules it supports (auto: successive_halving for single, median for multi)
 PRUNERS = {
     "multi": ("auto", "none", "median"),
@@ -63,7 +64,18 @@ class SearchConfig:
     backend: str = "optuna"
     timeout_s: float | None = None
     trial_timeout_s: float | None = None
-    baselines: bool = True  # enqueue the uncompressed and uniform policies first
+    # solve (default): profile the per-layer latency table, score each choice's damage, solve for the budget and
+    # start from the solver's policies (autocompress/seeding.py); sample: start from the uniform baselines and let the
+    # sampler find its way (the search before the solver)
+    strategy: str = "solve"
+    solver_fractions: list = field(default_factory=lambda: [0.75, 0.85, 0.95, 1.0])  # of the limit, one seed each
+    # the uniform single-technique policies (every layer int8, rank 0.5 everywhere, ...) as trials: true/false, or
+    # auto: spent as trials with strategy sample, not with solve (the solver's seeds start the search instead)
+    baselines: Any = "auto"
+    # after the search, the chosen policy is trained back for this many recovery steps (early stopped on the
+    # validation probe) and only then scored on the test split; auto: 600 with strategy solve, 0 with sample
+    finalize_steps: Any = "auto"
+    finalize_top: int = 1  # how many of the Pareto front, best first, are finalized
     # multi: maximize accuracy and minimize the budgeted cost (Pareto front); single: maximize accuracy only, the
     # budget staying a constraint -- the mode in which Optuna's pruners work (see autocompress/search/early_stopping.py)
     objective: str = "multi"
@@ -79,6 +91,18 @@ class SearchConfig:
     # latency budgets: choices measured slower than the uncompressed model on this machine (bf16 on a CPU with AVX2
     # alone) are left out of the search and logged; true keeps them (see autocompress/screening.py)
     keep_slow_choices: bool = False
+
+
+def measured_baselines(search: SearchConfig) -> bool:
+    """Whether the uniform baselines are spent as trials (``search.baselines``, ``auto`` by strategy)."""
+    return search.strategy == "sample" if search.baselines == "auto" else bool(search.baselines)
+
+
+def finalize_steps(search: SearchConfig) -> int:
+    """Recovery steps for the chosen policy after the search (``search.finalize_steps``, ``auto`` by strategy)."""
+    if search.finalize_steps == "auto":
+        return 600 if search.strategy == "solve" else 0
+    return int(search.finalize_steps)
 
 
 @dataclass
@@ -234,6 +258,19 @@ def validate(config: RunConfig) -> None:
         raise InputError(f"{src}.search.latency_model_margin",
                          f"must be at least 1.0 (a candidate is skipped when predicted over margin x the budget), "
                          f"got {config.search.latency_model_margin}")
+    if config.search.strategy not in STRATEGIES:
+        raise InputError(f"{src}.search.strategy", f"unknown strategy {config.search.strategy!r} ({', '.join(STRATEGIES)})")
+    if config.search.baselines not in (True, False, "auto"):
+        raise InputError(f"{src}.search.baselines", f"must be true, false or auto, got {config.search.baselines!r}")
+    steps = config.search.finalize_steps
+    if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise InputError(f"{src}.search.finalize_steps", f"must be a whole number of steps (0: off) or auto, got {steps!r}")
+    fractions = config.search.solver_fractions
+    if (not isinstance(fractions, list) or not fractions
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions)):
+        raise InputError(f"{src}.search.solver_fractions", f"must be a list of fractions of the limit in (0, 1], got {fractions!r}")
+    if config.search.finalize_top < 1:
+        raise InputError(f"{src}.search.finalize_top", f"must be at least 1, got {config.search.finalize_top}")
     if config.search.sampler not in ("tpe", "nsga2", "random"):
         raise InputError(f"{src}.search.sampler", f"unknown sampler {config.search.sampler!r} (tpe, nsga2, random)")
     if config.data.kind not in ("fashion_mnist", "image_folder"):

@@ -14,7 +14,7 @@ from autocompress.policy import Policy
 
 RECORD_COLUMNS = [
     "number", "state", "feasible", "val_accuracy", "latency_ms", "predicted_latency_ms", "memory_mb", "speedup",
-    "simulated", "baseline", "policy", "skipped", "duration_s", "error", "progress", "node",
+    "simulated", "origin", "baseline", "seed", "policy", "skipped", "duration_s", "error", "progress", "node",
 ]
 
 

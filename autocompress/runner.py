@@ -70,6 +70,8 @@ class RunContext:
     rebuildable: bool = True  # the model is a named timm architecture, so compressed models can be saved
     data_from_config: bool = True  # the data were loaded from config.data, so a worker process can load them again
     latency_model: Any = None  # a calibrated autocompress.latency_model.LatencyPredictor (latency budgets), or None
+    seeds: list[Any] = field(default_factory=list)  # the solver's first trials (autocompress.seeding.Seed)
+    phases: dict[str, float] = field(default_factory=dict)  # what the run did before and after its trials, in s
 
     @property
     def limit(self) -> float:
@@ -148,8 +150,12 @@ def prepare(
     data: Dataset | None = None,
     baseline: dict[str, float] | None = None,
     log: Log = print,
+    latency_model: bool | None = None,
 ) -> RunContext:
-    """Load (or take) the pieces of a run and measure the uncompressed baseline, unless given (on resume)."""
+    """Load (or take) the pieces of a run and measure the uncompressed baseline, unless given (on resume).
+
+    ``latency_model``: build the per-layer latency model (latency budgets); by default when the config asks for
+    it (``search.latency_model``) or the solver needs it (``search.strategy: solve``)."""
     torch.set_num_threads(config.target.threads)
     # cheap checks first, so a wrong budget or space file fails before any data or model is loaded
     budget = config_budget(config)
@@ -176,6 +182,8 @@ def prepare(
         raise InputError("model", f"the model cannot run on this data's images {tuple(example.shape[1:])} ({exc})") from None
     if out.shape[-1] < int(data.train.labels.max()) + 1:
         raise InputError("model.kwargs.num_classes", f"model has {out.shape[-1]} outputs, data has {len(data.classes)} classes")
+    phases: dict[str, float] = {}
+    started = time.perf_counter()
     if baseline is None:
         log("measuring the uncompressed baseline ...")
         t = config.target
@@ -186,9 +194,12 @@ def prepare(
             memory_mb=memory_mb(model),
             val_accuracy=accuracy(model, data.val),
         )
+        phases["baseline"] = time.perf_counter() - started
         if budget.metric == "latency_ms" and not config.search.keep_slow_choices:
             log("timing each choice against the uncompressed model ...")
+            started = time.perf_counter()
             base.slow_choices = measure_slow_choices(model, resolved, plugins.techniques, example, config.target)
+            phases["screening"] = time.perf_counter() - started
     else:
         base = Baseline.from_dict(baseline)
     if base.slow_choices:
@@ -197,13 +208,18 @@ def prepare(
             log(f"{label}: {ratio:.1f}x the uncompressed model's time on this CPU ({cpu}): left out of the search "
                 "(search.keep_slow_choices: true keeps it)")
         resolved = without_choices(resolved, base.slow_choices)
-    latency_model = None
-    if config.search.latency_model and budget.metric == "latency_ms":
+    predictor = None
+    if latency_model is None:
+        latency_model = config.search.latency_model or config.search.strategy == "solve"
+    if budget.metric == "latency_ms" and latency_model:
         from autocompress.latency_model import predictor_for_run
 
-        latency_model = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
+        # the solver costs every option from the table: profiled first (or reused from the cache)
+        started = time.perf_counter()
+        predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
+        phases["profile"] = time.perf_counter() - started
     return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
-                      data_from_config=data_from_config, latency_model=latency_model)
+                      data_from_config=data_from_config, latency_model=predictor, phases=phases)
 
 
 def config_budget(config: RunConfig) -> Budget:

@@ -98,6 +98,12 @@ class Technique(ABC):
     def apply(self, model: nn.Module, settings: TechniqueSettings, ctx: ApplyContext) -> nn.Module:
         """Compress ``model`` (in place or not) with ``settings``; return the model to use from then on."""
 
+    def finalize_options(self, options: Mapping[str, Any], steps: int) -> dict[str, Any] | None:
+        """For a recovery technique: its global options for the longer recovery the search gives the policy it
+        chose (``search.finalize_steps`` steps, early stopped on the validation probe), starting from the options
+        the search chose (empty when it chose none). None (the default): the technique has no such thing."""
+        return None
+
     def simulated_layers(self, settings: TechniqueSettings) -> list[str]:
         """Layers whose setting has no real kernel here: they count for memory but never claim speed."""
         return []

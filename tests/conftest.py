@@ -86,6 +86,8 @@ def tiny_config(tmp_path: Path, trained_tiny) -> dict:
         "target": {"threads": 2, "batch_size": 64, "warmup": 2, "repeats": 5},
         "budget": "latency=0.9x",
         "space": "vit",
-        "search": {"trials": 6, "sampler": "tpe", "seed": 0},
+        # the sampler's path (uniform baselines first), which most tests here are about; the solver's path
+        # (search.strategy: solve, the default) is tested in test_solver.py
+        "search": {"trials": 6, "sampler": "tpe", "seed": 0, "strategy": "sample"},
         "out": str(tmp_path / "run"),
     }

@@ -22,7 +22,7 @@ def test_a_search_with_the_default_space_prunes_beit_and_eva(name, fmnist, tmp_p
     logs: list[str] = []
     config = {"model": {"name": name, "kwargs": SHAPE}, "budget": "latency=0.9x", "space": "vit",
               "target": {"threads": 2, "batch_size": 32, "warmup": 1, "repeats": 3},
-              "search": {"trials": 4, "sampler": "random", "seed": 0, "baselines": False}, "out": str(tmp_path / "run")}
+              "search": {"trials": 4, "sampler": "random", "seed": 0, "baselines": False, "strategy": "sample"}, "out": str(tmp_path / "run")}
     result = autocompress.search(config, model=model, data=data, progress=False, log=logs.append)
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
     assert not any("pruning: left out" in line for line in logs), logs

@@ -126,7 +126,7 @@ def assert_self_contained(page: Page, run_dir: Path) -> None:
 
 def test_every_search_writes_a_report_with_each_plot_and_exactly_the_pareto_rows(tiny_config, tmp_path, capsys):
     # a memory budget makes feasibility exact (bytes, not timings): uniform bf16 halves the weights
-    tiny_config.update(budget="memory=0.7x", search={"trials": 9, "sampler": "tpe", "seed": 0})
+    tiny_config.update(budget="memory=0.7x", search={"trials": 9, "sampler": "tpe", "seed": 0, "strategy": "sample"})
     logs: list[str] = []
     result = autocompress.search(config_from_dict(tiny_config), progress=False, log=logs.append)
     run = tmp_path / "run"

@@ -68,7 +68,7 @@ def _config(tiny_config: dict, tmp_path, **search) -> dict:
     }}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     return {**tiny_config, "space": str(tmp_path / "space.yaml"), "budget": "latency=0.9x",
-            "search": {"trials": 5, "sampler": "random", "seed": 0, **search}}
+            "search": {"trials": 5, "sampler": "random", "seed": 0, "strategy": "sample", **search}}
 
 
 def test_a_choice_slower_than_doing_nothing_is_left_out_and_said(tiny_config, tmp_path, monkeypatch):

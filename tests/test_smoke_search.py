@@ -32,7 +32,7 @@ def test_after_the_baselines_the_search_tries_their_composition(tiny_config, tmp
     }}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     config = {**tiny_config, "space": str(tmp_path / "space.yaml"), "budget": "memory=0.35x",
-              "search": {"trials": 6, "sampler": "random", "seed": 0}}
+              "search": {"trials": 6, "sampler": "random", "seed": 0, "strategy": "sample"}}
     result = autocompress.search(config_from_dict(config), progress=False)
     trials = result.trials.set_index("number")
     assert trials.loc[0, "baseline"] == "uncompressed"

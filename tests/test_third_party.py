@@ -251,7 +251,7 @@ def test_joint_search_with_builtins_measures_the_token_merging_speedup(
         "target": {"threads": 2, "batch_size": 16, "warmup": 1, "repeats": 5},
         "budget": "latency=0.9x",
         "space": str(tmp_path / "space.yaml"),
-        "search": {"trials": 5, "sampler": "tpe", "seed": 0, "keep_slow_choices": True},  # one joint space, as written
+        "search": {"trials": 5, "sampler": "tpe", "seed": 0, "keep_slow_choices": True, "strategy": "sample"},  # one joint space, as written
         "out": str(tmp_path / "run"),
     }
     data = Dataset(fmnist.train.head(256), fmnist.val.head(200), fmnist.test.head(200), fmnist.classes)

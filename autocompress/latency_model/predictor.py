@@ -70,6 +70,15 @@ class LatencyPredictor:
         """A predictor whose uncompressed prediction equals ``measured_base_ms`` (timed in this process)."""
         return LatencyPredictor(self.table, self.layout, scale=measured_base_ms / float(self.table.base_ms))
 
+    def layer_ms(self, name: str, settings: tuple[Setting, ...] = ()) -> float:
+        """The time of searched layer ``name`` under ``settings`` (its own and its context's), its searched
+        children included as the settings leave them (what the solver costs one option of one layer by)."""
+        return self._lookup(name, tuple(settings)) * self.scale
+
+    def residual_under(self, context: tuple[Setting, ...] = ()) -> float:
+        """The residual (time outside every searched layer) under global options ``context``."""
+        return self._residual(tuple(context)) * self.scale
+
     def predict(self, policy: Policy | Mapping[str, Any]) -> float:
         """Predicted end-to-end milliseconds of ``policy`` (a Policy or a trial's search parameters)."""
         return sum(self.breakdown(policy).values())

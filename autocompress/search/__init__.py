@@ -6,8 +6,10 @@ run directory looks the same whichever ran it.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
+import time
 import os
 import tempfile
 from pathlib import Path
@@ -19,16 +21,17 @@ import yaml
 from torch import nn
 
 from autocompress.compose import save_compressed
-from autocompress.config import RunConfig, config_from_dict, load_config, validate
+from autocompress.config import RunConfig, config_from_dict, finalize_steps, load_config, validate
 from autocompress.data import Dataset
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.evaluate import accuracy
 from autocompress.io import atomic_write_csv, atomic_write_text
-from autocompress.policy import _yaml_where
+from autocompress.policy import Policy, _yaml_where
 from autocompress.results import (
     SearchResult, closest_to_budget, params_of, pareto_front, summary_table, timing_drift, trials_frame,
 )
 from autocompress.runner import Baseline, RunContext, prepare
+from autocompress.technique import Stage, TechniqueSettings
 
 __all__ = ["search", "BACKENDS", "finish_run"]
 
@@ -108,14 +111,51 @@ def search(
     except OSError as exc:
         raise InputError("out", f"cannot write the run directory {run_dir} ({exc.strerror or exc})") from None
 
+    if config.search.strategy == "solve" and not _study_started(run_dir, storage):
+        _plan(run, run_dir, progress, log)
     module_name, func_name = BACKENDS[config.search.backend].split(":")
     backend_run = getattr(importlib.import_module(module_name), func_name)
+    started = time.perf_counter()
     try:
         rows = backend_run(run, run_dir, resume, progress=progress, log=log, **(backend_options or {}))
     except SearchInterrupted as exc:  # Ctrl-C: keep what finished, then stop
         atomic_write_csv(run_dir / "trials.csv", trials_frame(exc.rows, run.baseline.latency_ms))
         raise
+    run.phases["trials"] = time.perf_counter() - started
     return finish_run(run, rows, run_dir, log=log)
+
+
+def _plan(run: RunContext, run_dir: Path, progress: bool, log: Callable[[str], None]) -> None:
+    """The solver's seeds (``seeding.py``); without any, the uniform baselines start the search instead."""
+    from autocompress.seeding import plan_seeds
+
+    plan = plan_seeds(run, run_dir, log=log, progress=progress)
+    run.seeds = plan.seeds
+    run.phases.update(plan.phases)
+    if not plan.seeds and run.config.search.baselines == "auto":
+        log(f"solver: no seeds ({plan.why_none}); the uniform baselines start the search instead")
+        run.config.search.baselines = True
+
+
+def _study_started(run_dir: Path, storage: str | None) -> bool:
+    """Whether the run's study already exists with its first trials queued (a resumed run, or a shared study another
+    worker created): then nothing is planned again."""
+    from autocompress.search.optuna_backend import STUDY_NAME
+    from autocompress.search.storage import study_user_attrs
+
+    if storage is not None:
+        return "baseline" in (study_user_attrs(storage, STUDY_NAME) or {})
+    if not (run_dir / "study.db").is_file():
+        return False
+    import optuna
+
+    local = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}")
+    try:
+        return "baseline" in local.get_study_user_attrs(local.get_study_id_from_name(STUDY_NAME))
+    except KeyError:
+        return False
+    finally:
+        local.engine.dispose()
 
 
 def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None, log: Callable[[str], None] = print) -> SearchResult:
@@ -128,24 +168,38 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
     front = pareto_front(frame, metric)
     baseline = run.baseline.to_dict()
     baseline["test_accuracy"] = accuracy(run.model, run.data.test)
+    steps = finalize_steps(run.config.search) if not front.empty else 0
+    phases = getattr(run, "phases", {})
     best_policy = None
     best_model = None
     if not front.empty:
-        tests, vals = [], []
+        tests, vals, finals = [], [], []
+        started = time.perf_counter()
         for i, row in front.iterrows():
             if i >= PARETO_TEST_ROWS:
                 tests.append(math.nan)
                 vals.append(math.nan)
+                finals.append(math.nan)
                 continue
             policy = run.policy(params_of(row.to_dict(), frame.columns))
-            model = run.compress(policy, seed=run.config.search.seed + int(row["number"]))
-            tests.append(accuracy(model, run.data.test))
+            seed = run.config.search.seed + int(row["number"])
+            model = run.compress(policy, seed=seed)
             vals.append(accuracy(model, run.data.val))
+            finals.append(math.nan)
+            if steps and i < run.config.search.finalize_top:
+                model, policy, finals[-1] = _finalize(run, policy, model, vals[-1], steps, seed, log)
+            # honest evaluation: with a final recovery, the test split scores only what it produced
+            tests.append(accuracy(model, run.data.test) if not steps or i < run.config.search.finalize_top
+                         else math.nan)
             if i == 0:
                 best_policy, best_model = policy, model
+        if steps:
+            phases["finalize"] = time.perf_counter() - started
         front["test_accuracy"] = tests
         front["val_accuracy_rebuilt"] = vals
-        front["val_drop_points"] = 100 * (baseline["val_accuracy"] - front["val_accuracy"])
+        front["val_accuracy_finalized"] = finals
+        final_val = front["val_accuracy_finalized"].where(front["val_accuracy_finalized"].notna(), front["val_accuracy"])
+        front["val_drop_points"] = 100 * (baseline["val_accuracy"] - final_val)
         front["test_drop_points"] = 100 * (baseline["test_accuracy"] - front["test_accuracy"])
     closest = None if not front.empty else _closest_with_accuracy(run, frame)
     result = SearchResult(
@@ -164,9 +218,40 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
         elif (run_dir / "best_policy.yaml").exists():
             os.unlink(run_dir / "best_policy.yaml")
     log(summary_table(result))
+    if phases:
+        log("phases: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items()))
     if run_dir is not None:
+        if phases:
+            atomic_write_text(run_dir / "phases.yaml", yaml.safe_dump(
+                {name: round(seconds, 1) for name, seconds in phases.items()}, sort_keys=False))
         _write_report(run_dir, log)
     return result
+
+
+def _finalize(run: RunContext, policy: Policy, model: nn.Module, val: float, steps: int, seed: int,
+              log: Callable[[str], None]) -> tuple[nn.Module, Policy, float]:
+    """The chosen policy trained back longer (each recovery technique's :meth:`Technique.finalize_options`, early
+    stopped on the validation probe); kept only where it scores better on the validation split."""
+    final = copy.deepcopy(policy)
+    changed = False
+    for name in run.space.techniques():
+        technique = run.techniques.get(name)
+        if technique is None or technique.stage != Stage.RECOVERY:
+            continue
+        settings = final.techniques.setdefault(name, TechniqueSettings())
+        options = technique.finalize_options(dict(settings.options), steps)
+        if options is not None:
+            settings.options = options
+            changed = True
+    if not changed:
+        return model, policy, math.nan
+    started = time.perf_counter()
+    trained = run.compress(final, seed=seed)
+    final_val = accuracy(trained, run.data.val)
+    kept = final_val >= val
+    log(f"finalize: up to {steps} recovery steps on {policy.summary()}: validation accuracy {val:.4f} -> "
+        f"{final_val:.4f} in {time.perf_counter() - started:.0f} s" + ("" if kept else "; the search's model is kept"))
+    return (trained, final, final_val) if kept else (model, policy, final_val)
 
 
 def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:

@@ -12,13 +12,15 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from autocompress.config import SearchConfig
+from autocompress.config import SearchConfig, measured_baselines
 from autocompress.errors import InputError
 from autocompress.runner import RunContext, TrialReport, evaluate_params, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
 from autocompress.search.storage import interruptible
 
 STUDY_NAME = "autocompress"
+#: what an enqueued trial carries into its record: the baseline's label, where it came from, the solver's label
+QUEUED_ATTRS = ("baseline", "origin", "seed")
 _STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
 
 
@@ -27,7 +29,10 @@ def make_sampler(search: SearchConfig, seed: int | None = None, parallel: bool =
     (constant liar) instead of proposing the same policy to several workers."""
     seed = search.seed if seed is None else seed
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10, constant_liar=parallel)
+        # with the solver, its seeds (and the uncompressed model) are the start: TPE models around them at once
+        startup = 1 + len(search.solver_fractions) if search.strategy == "solve" else 10
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup,
+                                          constant_liar=parallel)
     if search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
     if search.sampler == "random":
@@ -88,12 +93,21 @@ def _quiet_failed_trial_warnings() -> None:
 
 
 def enqueue_baselines(study: optuna.Study, run: RunContext) -> int:
-    """The uncompressed model and each uniform single-technique policy, so every run contains its baselines."""
-    queued = [("uncompressed", run.space.uncompressed())]
-    queued += list(run.space.uniform_baselines().items())
-    for label, params in queued:
-        study.enqueue_trial(params, user_attrs={"baseline": label})
-    return len(queued)
+    """The first trials of every study: the uncompressed model, the solver's seeds (``seeding.py``) and, where they
+    are measured (``search.baselines``), each uniform single-technique policy; ``baselines: false`` leaves out
+    the uncompressed model too."""
+    queued = 0
+    if run.config.search.baselines is not False:
+        study.enqueue_trial(run.space.uncompressed(), user_attrs={"baseline": "uncompressed", "origin": "baseline"})
+        queued += 1
+    for seed in run.seeds:
+        study.enqueue_trial(seed.params, user_attrs={"origin": "solver", "seed": seed.label})
+        queued += 1
+    if measured_baselines(run.config.search):
+        for label, params in run.space.uniform_baselines().items():
+            study.enqueue_trial(params, user_attrs={"baseline": label, "origin": "baseline"})
+            queued += 1
+    return queued
 
 
 def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
@@ -103,7 +117,7 @@ def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
     it gives the sampler starts in the corner a tight budget needs. Queued once per study (a study attribute says
     so, also across resumes); two workers of a shared storage finishing the last baselines at the same moment may
     both queue it. Returns how many were queued."""
-    if not run.config.search.baselines or study.user_attrs.get("composed"):
+    if not measured_baselines(run.config.search) or study.user_attrs.get("composed"):
         return 0
     labels = {"uncompressed", *run.space.uniform_baselines()}
     metric = run.budget.metric
@@ -123,7 +137,7 @@ def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
     study.set_user_attr("composed", True)
     queued = 0
     for label, params in run.space.composed_baselines(costs, run.limit).items():
-        study.enqueue_trial(params, user_attrs={"baseline": label})
+        study.enqueue_trial(params, user_attrs={"baseline": label, "origin": "baseline"})
         queued += 1
     return queued
 
@@ -175,11 +189,10 @@ def start_or_recover(study: optuna.Study, run: RunContext) -> None:
         study.set_user_attr("baseline", run.baseline.to_dict())
         study.set_user_attr("budget", str(run.budget))
         study.set_user_attr("limit", run.limit)
-        if run.config.search.baselines:
-            enqueue_baselines(study, run)
+        enqueue_baselines(study, run)
     else:
         for params, attrs in fail_interrupted(study):
-            study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items() if k == "baseline"})
+            study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items() if k in QUEUED_ATTRS})
 
 
 def run_optuna(
@@ -226,7 +239,9 @@ def make_objective(
         with interruptible():  # the trial's own work; Ctrl-C elsewhere waits for the storage and Optuna
             record = evaluate_params(run, params, trial.number, report=report)
         record.update(extra or {})
-        record.setdefault("baseline", trial.user_attrs.get("baseline", ""))
+        for key in QUEUED_ATTRS:
+            record.setdefault(key, trial.user_attrs.get(key, ""))
+        record["origin"] = record["origin"] or "sampler"
         for key, value in record.items():
             if key not in ("number", "state"):
                 trial.set_user_attr(key, _plain(value))

@@ -31,7 +31,7 @@ from ray.tune.search import Searcher
 from autocompress.compose import simulated_layers
 from autocompress.runner import RunContext, format_progress, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
-from autocompress.search.optuna_backend import constraint_and_values, enqueue_composed
+from autocompress.search.optuna_backend import QUEUED_ATTRS, constraint_and_values, enqueue_composed
 from autocompress.search.ray_worker import COST_KEY, NODE_KEY, RECORD_KEY, SCORE_KEY, STEP_KEY
 from autocompress.search.shared_study import is_surplus, quota_reached
 
@@ -153,7 +153,9 @@ def _unfinished_record(d: Driver, trial: optuna.Trial, why: str, result: dict, p
 def tell_record(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any], run: RunContext) -> None:
     """Finish ``trial`` with ``record`` the way the Optuna backend's objective does (``optuna_backend.make_objective``):
     the record as user attributes, the budget as a constraint, accuracy (and the budgeted cost) as values."""
-    record.setdefault("baseline", trial.user_attrs.get("baseline", ""))
+    for key in QUEUED_ATTRS:
+        record.setdefault(key, trial.user_attrs.get(key, ""))
+    record["origin"] = record["origin"] or "sampler"
     for key, value in record.items():
         if key not in ("number", "state"):
             trial.set_user_attr(key, None if isinstance(value, float) and math.isnan(value) else value)

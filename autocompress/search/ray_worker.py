@@ -54,8 +54,10 @@ def worker_run(spec: WorkerSpec) -> RunContext:
     if run is None:
         _RUNS.clear()  # free the previous run's model and data first
         plugins = Plugins(manager=pluggy.PluginManager(PROJECT), techniques=dict(spec.techniques))
+        # the driver planned the run (the solver's table and seeds); a worker profiles only when the config asks
+        # for the latency model by name, to skip candidates on their prediction
         run = prepare(spec.config, plugins=plugins, model=spec.model, data=spec.data, baseline=spec.baseline,
-                      log=lambda _: None)
+                      log=lambda _: None, latency_model=spec.config.search.latency_model)
         _RUNS[spec.key] = run
     return run
 

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.runner import Baseline, RunContext
 from autocompress.search.optuna_backend import (
-    STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_composed, fail_interrupted,
+    QUEUED_ATTRS, STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_composed, fail_interrupted,
     make_objective, make_pruner, make_sampler,
 )
 from autocompress.search.progress import TrialProgress
@@ -96,8 +96,7 @@ def join_study(run: RunContext, storage: optuna.storages.BaseStorage, url: str, 
         study.set_user_attr("budget", str(run.budget))
         study.set_user_attr("limit", run.limit)
         study.set_user_attr("space", space_fingerprint(run))
-        if run.config.search.baselines:
-            enqueue_baselines(study, run)
+        enqueue_baselines(study, run)
         study.set_user_attr("baseline", run.baseline.to_dict())  # last: joiners wait for it, then find the queue
         log(f"created the shared study {study_name!r} in {url}")
         return study, True
@@ -109,7 +108,7 @@ def join_study(run: RunContext, storage: optuna.storages.BaseStorage, url: str, 
     run.baseline = Baseline.from_dict(attrs["baseline"])
     if resume:  # the caller vouches that no other worker is alive: their RUNNING trials are dead
         for params, user_attrs in fail_interrupted(study):
-            study.enqueue_trial(params, user_attrs={k: v for k, v in user_attrs.items() if k == "baseline"})
+            study.enqueue_trial(params, user_attrs={k: v for k, v in user_attrs.items() if k in QUEUED_ATTRS})
     log(f"joined the shared study {study_name!r} in {url} ({len(counted_trials(study))} trials so far)")
     return study, False
 

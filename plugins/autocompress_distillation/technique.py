@@ -10,6 +10,8 @@ so quantization is applied to recovered weights. It has no per-layer knobs; its 
   mildly compressed model out of its minimum (-0.5 points after 100 steps where 3e-4 gained 1.0).
 - ``feature_weight``: weight of an MSE term between the pooled pre-logit features of student and teacher (0: off).
 - ``batch_size``: training batch size.
+- ``patience``: stop once the validation probe has not improved at this many reports in a row, and keep the best
+  weights seen (0: off, train every step). The search's final recovery (``search.finalize_steps``) uses 2.
 
 Cost: the teacher's outputs on the training subset are computed once per run (``ctx.cache``); each trial trains only
 the student. Progress is reported at steps 25, 50, 100, ... through ``ctx.report``, which may stop the trial early.
@@ -44,7 +46,10 @@ class DistillationTechnique(Technique):
         "lr": 3e-4,
         "feature_weight": 0.0,
         "batch_size": 128,
+        "patience": 0,
     }
+    #: the final recovery: stop after this many reports without a better validation probe, keep the best weights
+    FINALIZE_PATIENCE = 2
 
     def candidate_layers(self, model: nn.Module) -> list[str]:
         return []  # acts on the whole model
@@ -54,7 +59,10 @@ class DistillationTechnique(Technique):
             raise ValueError("distillation has no per-layer settings")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a number")
-        if knob in ("steps", "batch_size"):
+        if knob == "patience":
+            if int(value) != value or value < 0:
+                raise ValueError("must be a whole number, 0 or more")
+        elif knob in ("steps", "batch_size"):
             if int(value) != value:
                 raise ValueError("must be a whole number")
             low = 0 if knob == "steps" else 1
@@ -72,8 +80,11 @@ class DistillationTechnique(Technique):
         return DistillSettings(
             steps=int(merged["steps"]), temperature=float(merged["temperature"]), alpha=float(merged["alpha"]),
             lr=float(merged["lr"]), feature_weight=float(merged["feature_weight"]),
-            batch_size=int(merged["batch_size"]),
+            batch_size=int(merged["batch_size"]), patience=int(merged["patience"]),
         )
+
+    def finalize_options(self, options: dict[str, Any], steps: int) -> dict[str, Any]:
+        return {**options, "steps": int(steps), "patience": self.FINALIZE_PATIENCE}
 
     def apply(self, model: nn.Module, settings: TechniqueSettings, ctx: ApplyContext) -> nn.Module:
         opts = self.settings(settings.options)

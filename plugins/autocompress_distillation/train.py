@@ -33,6 +33,7 @@ class DistillSettings:
     lr: float
     feature_weight: float  # weight of the pooled-feature MSE term (0: off)
     batch_size: int
+    patience: int = 0  # reports without a better probe before stopping (keeping the best weights); 0: off
 
 
 def report_steps(total: int) -> list[int]:
@@ -75,7 +76,9 @@ def distill(
     """Train ``student`` in place; returns the validation probe at each reported step.
 
     Raises :class:`TrialStopped` when ``report`` says the trial should stop and steps remain. Weights that are
-    exactly zero before training (pruned entries) stay zero, so recovery never undoes a structural decision.
+    exactly zero before training (pruned entries) stay zero, so recovery never undoes a structural decision. With
+    ``settings.patience`` (and ``evaluate``), training ends once the probe has not improved at that many reports in
+    a row, and the student keeps the weights of its best probe (the untrained student's probe counts too).
     """
     params = [p for p in student.parameters() if p.is_floating_point()]
     if not params:
@@ -91,6 +94,10 @@ def distill(
     order, cursor = torch.randperm(n, generator=gen), 0
     checkpoints = set(report_steps(settings.steps))
     probes: dict[int, float] = {}
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    if settings.patience > 0 and evaluate is not None:
+        best = (float(evaluate(student)), _state(student))
+    stale = 0
     for p in params:
         p.requires_grad_(True)
     student.train()
@@ -132,8 +139,21 @@ def distill(
                 probes[step] = value
                 if report is not None and report(step, value) and step < settings.steps:
                     raise TrialStopped(f"step {step} of {settings.steps}: validation probe {value:.4f}")
+                if best is not None:
+                    if value > best[0]:
+                        best, stale = (value, _state(student)), 0
+                    else:
+                        stale += 1
+                        if stale >= settings.patience:
+                            break
+        if best is not None:
+            student.load_state_dict(best[1])
     finally:
         for p, flag in zip(params, requires):
             p.requires_grad_(flag)
         student.eval()
     return probes
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

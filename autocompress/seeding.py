@@ -1,0 +1,268 @@
+"""The solver's first trials: per-layer costs and damages in, the least damaging policies within the budget out.
+
+Before any trial of a search with ``search.strategy: solve`` (the default):
+
+1. **Costs** of every option of every searched layer: latency from the run's per-layer table (profiled on this
+   machine, in context: a Linear's time inside a block that keeps two heads is its own entry), memory from the
+   option realised on the model (exact).
+2. **Damage** of every option alone (:mod:`autocompress.sensitivity`: KL divergence from the uncompressed model on
+   the calibration images), scored once per run.
+3. **Solve** (:mod:`autocompress.solver`): one option per layer, nested under its block's choice, minimising the summed
+   damage with the summed predicted cost within ``fraction x limit``, for each of ``search.solver_fractions``, under
+   each combination of the global options (the factorisation method, the pruning criterion). The least damaging
+   solution per fraction is a seed: recovery techniques get the strongest setting the space offers (its last listed
+   value), since the search will measure what recovery gives back.
+
+The seeds are the first trials after the uncompressed model; the sampler spends the rest around them. Every seed is
+measured end to end like any trial, so a prediction that was wrong costs one trial, not the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from autocompress.io import atomic_write_csv
+from autocompress.latency_model.layout import MODEL, Layout, Setting, settings_key
+from autocompress.sensitivity import FILE as SENSITIVITY_FILE, Sensitivity
+from autocompress.solver import Option, solve
+from autocompress.technique import ApplyContext, Stage
+
+__all__ = ["MAX_GLOBAL_COMBINATIONS", "Plan", "Seed", "SOLVER_FILE", "plan_seeds"]
+
+SOLVER_FILE = "solver.csv"
+#: above this many combinations of global options, each non-identity value is solved alone
+MAX_GLOBAL_COMBINATIONS = 8
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Seed:
+    label: str
+    params: dict[str, Any]
+    fraction: float  # of the limit the solver aimed at
+    predicted: float  # the budgeted cost the solver predicted (ms or MB)
+    damage: float  # the summed damage of its options
+
+
+@dataclass
+class Plan:
+    seeds: list[Seed] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    why_none: str = ""  # when there are no seeds: why
+
+
+def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool = False) -> Plan:
+    """The solver's seeds for ``run`` (a :class:`autocompress.runner.RunContext`); the damages are kept in
+    ``run_dir/sensitivity.json`` and the front in ``run_dir/solver.csv``."""
+    plan = Plan()
+    space, techniques, metric = run.space, run.techniques, run.budget.metric
+    if metric == "latency_ms":
+        predictor = run.latency_model
+        if predictor is None:
+            plan.why_none = "no latency table for this run"
+            return plan
+        layout = predictor.layout
+    else:
+        predictor = None
+        layout = Layout.of(space, neutral=[d.name for d in space.dimensions if d.layer is None])
+    recovery = {d.name: d.choices[-1] for d in space.dimensions
+                if d.layer is None and techniques[d.technique].stage == Stage.RECOVERY}
+    combos = _global_combinations([d for d in space.dimensions if d.layer is None and d.name not in recovery])
+    identities = space.identities
+    technique_of = {d.name: d.technique for d in space.dimensions}
+
+    # damages: every option of every layer alone, under the global options of its own techniques
+    started = time.perf_counter()
+    wanted: dict[str, dict[str, Any]] = {}
+    for g in combos:
+        for name in layout.layers:
+            if name == MODEL:
+                continue
+            for own in _own_options(layout, name):
+                key, params = _damage_key(own, g, technique_of, identities)
+                wanted.setdefault(key, params)
+        key, params = _damage_key((), g, technique_of, identities, alone=True)
+        wanted.setdefault(key, params)
+    sens = Sensitivity(
+        run.model, run.data.train.images[: max(1, min(run.config.data.calibration_size, len(run.data.train)))],
+        lambda params: run.compress(run.policy(params), seed=run.config.search.seed),
+        path=None if run_dir is None else run_dir / SENSITIVITY_FILE,
+        fingerprint={"space": sorted(wanted), "calibration_size": run.config.data.calibration_size},
+    )
+    before = len(sens.damage)
+    failed: list[str] = []
+    damage = sens.measure(wanted.items(), progress=progress, on_error=lambda key, exc: failed.append(key))
+    plan.phases["sensitivity"] = time.perf_counter() - started
+    reused = len([k for k in wanted if k in sens.damage]) - sens.measured if before else 0
+    log(f"sensitivity: {len(wanted)} settings, {sens.measured} scored in {sens.seconds:.1f} s"
+        + (f", {reused} from {SENSITIVITY_FILE}" if reused > 0 else "")
+        + (f"; {len(failed)} could not be applied (never chosen)" if failed else ""))
+
+    # costs and the solve, for each global combination and fraction
+    started = time.perf_counter()
+    costs = _Costs(run, layout, predictor, identities)
+    problems = []
+    for g in combos:
+        context = tuple((p, v) for p, v in g if p in {k.param for k in layout.layers[MODEL].knobs})
+        options, settings_of = [], []
+        for root in layout.roots:
+            _add_options(layout, root, None, context, g, options, settings_of, costs, damage, technique_of,
+                         identities)
+        fixed = costs.fixed(context)
+        global_damage = damage[_damage_key((), g, technique_of, identities, alone=True)[0]]
+        problems.append((g, options, settings_of, fixed, global_damage))
+    seeds: list[Seed] = []
+    seen: list[dict[str, Any]] = []
+    for fraction in run.config.search.solver_fractions:
+        best = None
+        for g, options, settings_of, fixed, global_damage in problems:
+            if not math.isfinite(global_damage):
+                continue
+            chosen = solve(options, (fraction * run.limit,), (fixed,))
+            if chosen is None:
+                continue
+            total = global_damage + sum(options[i].damage for i in chosen)
+            if best is None or total < best[0]:
+                cost = fixed + sum(options[i].costs[0] for i in chosen)
+                params = dict(identities)
+                params.update(dict(g))
+                for i in chosen:
+                    params.update(dict(settings_of[i]))
+                if any(params[k] != identities[k] for k in params if k not in recovery):
+                    params.update(recovery)  # something was compressed: train it back
+                best = (total, cost, params)
+        if best is None:
+            log(f"solver: nothing predicted within {fraction:g} x the limit")
+            continue
+        total, cost, params = best
+        if params in seen:
+            continue
+        seen.append(params)
+        seeds.append(Seed(f"solver {fraction:g}x limit", params, fraction, cost, total))
+    plan.phases["solve"] = time.perf_counter() - started
+    unit = "ms" if metric == "latency_ms" else "MB"
+    base = run.baseline.latency_ms if metric == "latency_ms" else run.baseline.memory_mb
+    for seed in seeds:
+        log(f"solver at {seed.fraction:g} x the limit: predicted {seed.predicted:.2f} {unit} "
+            f"({seed.predicted / base:.2f}x), damage {seed.damage:.4f}: {run.policy(seed.params).summary()}")
+    if not seeds:
+        plan.why_none = "no policy is predicted within the budget"
+    plan.seeds = seeds
+    if run_dir is not None:
+        import pandas as pd
+
+        atomic_write_csv(run_dir / SOLVER_FILE, pd.DataFrame(
+            [{"label": s.label, "fraction": s.fraction, f"predicted_{metric}": s.predicted, "damage": s.damage,
+              "policy": run.policy(s.params).summary()} for s in seeds],
+            columns=["label", "fraction", f"predicted_{metric}", "damage", "policy"]))
+    return plan
+
+
+def _global_combinations(dims: list[Any]) -> list[tuple[Setting, ...]]:
+    """Non-identity global settings to solve under: every combination when there are few, else each alone."""
+    n = 1
+    for d in dims:
+        n *= len(d.choices)
+    if n <= MAX_GLOBAL_COMBINATIONS:
+        combos = [tuple((d.name, v) for d, v in zip(dims, values) if v != d.identity)
+                  for values in itertools.product(*(d.choices for d in dims))]
+    else:
+        combos = [()] + [((d.name, v),) for d in dims for v in d.choices if v != d.identity]
+    return combos
+
+
+def _own_options(layout: Layout, name: str) -> list[tuple[Setting, ...]]:
+    knobs = layout.layers[name].knobs
+    return [tuple((k.param, v) for k, v in zip(knobs, values) if v != k.identity)
+            for values in itertools.product(*(k.choices for k in knobs))]
+
+
+def _damage_key(own: tuple[Setting, ...], g: tuple[Setting, ...], technique_of: Mapping[str, str],
+                identities: Mapping[str, Any], alone: bool = False) -> tuple[str, dict[str, Any]]:
+    """The settings a damage is scored with: ``own`` plus the global options of the techniques ``own`` uses (all of
+    ``g`` with ``alone``: the global options' own damage); the empty key is the uncompressed model."""
+    used = {technique_of[p] for p, _ in own}
+    settings = tuple(own) + tuple((p, v) for p, v in g if alone or technique_of[p] in used)
+    if not own and not alone:
+        settings = ()
+    params = dict(identities)
+    params.update(dict(settings))
+    return settings_key(settings), params
+
+
+def _add_options(layout: Layout, name: str, parent: int | None, context: tuple[Setting, ...], g: tuple[Setting, ...],
+                 options: list[Option], settings_of: list[tuple[Setting, ...]], costs: "_Costs",
+                 damage: Mapping[str, float], technique_of: Mapping[str, str], identities: Mapping[str, Any]) -> None:
+    children = layout.children(name)
+    for own in _own_options(layout, name):
+        settings = context + own
+        try:
+            cost = costs.layer(name, settings) - sum(costs.layer(child, settings) for child in children)
+        except _NoCost:
+            continue  # not profiled or not realisable: never chosen
+        d = damage[_damage_key(own, g, technique_of, identities)[0]]
+        if not math.isfinite(d):
+            continue
+        index = len(options)
+        options.append(Option(name, settings_key(own), parent, d, (cost,)))
+        settings_of.append(own)
+        for child in children:
+            _add_options(layout, child, index, settings, g, options, settings_of, costs, damage, technique_of,
+                         identities)
+
+
+class _NoCost(Exception):
+    pass
+
+
+class _Costs:
+    """The budgeted cost of one searched layer under settings: predicted ms from the table, or MB realised."""
+
+    def __init__(self, run: Any, layout: Layout, predictor: Any, identities: Mapping[str, Any]) -> None:
+        self.run, self.layout, self.predictor, self.identities = run, layout, predictor, identities
+        self._memory: dict[str, float] = {}
+
+    def layer(self, name: str, settings: tuple[Setting, ...]) -> float:
+        if self.predictor is not None:
+            from autocompress.latency_model import LatencyModelError
+
+            try:
+                return self.predictor.layer_ms(name, settings)
+            except LatencyModelError:
+                raise _NoCost from None
+        return self._layer_mb(name, settings)
+
+    def fixed(self, context: tuple[Setting, ...]) -> float:
+        """What no searched layer covers: the residual time, or the bytes outside every searched layer."""
+        if self.predictor is not None:
+            return self.predictor.residual_under(context)
+        from autocompress.costs import memory_mb
+
+        return memory_mb(self.run.model) - sum(self._layer_mb(root, ()) for root in self.layout.roots)
+
+    def _layer_mb(self, name: str, settings: tuple[Setting, ...]) -> float:
+        # only the settings of this layer and its ancestors matter (memory has no context beyond the block)
+        relevant = tuple(s for s in settings if self.layout.layer_of(s[0]) in (*self.layout.layers[name].ancestors, name))
+        key = f"{name}|{settings_key(relevant)}"
+        if key not in self._memory:
+            from autocompress.compose import apply_policy
+            from autocompress.costs import memory_mb
+
+            params = dict(self.identities)
+            params.update(dict(relevant))
+            try:
+                model = apply_policy(self.run.model, self.run.policy(params), self.run.techniques,
+                                     ApplyContext(structure_only=True))
+                self._memory[key] = memory_mb(model.get_submodule(name))
+            except Exception:  # noqa: BLE001 - a setting that cannot be realised is never chosen
+                self._memory[key] = math.nan
+        value = self._memory[key]
+        if not math.isfinite(value):
+            raise _NoCost
+        return value

@@ -1,0 +1,227 @@
+"""The solver's path (search.strategy: solve): damages scored per setting, an exact multiple-choice knapsack, seeds
+that are the first trials, a final recovery of the chosen policy, and a resume that scores nothing again."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pandas as pd
+import pytest
+import yaml
+
+import autocompress
+from autocompress.budget import Budget
+from autocompress.config import config_from_dict
+from autocompress.runner import prepare
+from autocompress.seeding import plan_seeds
+from autocompress.sensitivity import Sensitivity, kl_damage
+from autocompress.solver import Option, solve
+
+# --- the solver alone ----------------------------------------------------------------------------------------------
+
+
+def _nested_problem(rng: random.Random, blocks: int = 3, block_options: int = 3, children: int = 2,
+                    child_options: int = 3) -> list[Option]:
+    """Blocks choose among ``block_options``; under each block option, each child chooses among ``child_options``
+    with costs that depend on the block's choice (a pruned block's Linears are cheaper)."""
+    options: list[Option] = []
+    for b in range(blocks):
+        for bo in range(block_options):
+            parent = len(options)
+            options.append(Option(f"b{b}", f"o{bo}", None, 0.0 if bo == 0 else rng.uniform(0.01, 1.0),
+                                  (rng.uniform(1.0, 3.0) / (1 + bo),)))
+            for c in range(children):
+                for co in range(child_options):
+                    options.append(Option(f"b{b}.c{c}", f"o{co}", parent, 0.0 if co == 0 else rng.uniform(0.01, 1.0),
+                                          (rng.uniform(0.5, 2.0) / (1 + co) / (1 + bo),)))
+    return options
+
+
+def _brute_force(options: list[Option], limit: float, fixed: float) -> tuple[float, list[int]] | None:
+    """Every path through every block, enumerated: the reference the solver must match."""
+    per_block: dict[str, list[tuple[float, float, list[int]]]] = {}
+    tops = [i for i, o in enumerate(options) if o.parent is None]
+    for top in tops:
+        kids: dict[str, list[int]] = {}
+        for i, o in enumerate(options):
+            if o.parent == top:
+                kids.setdefault(o.layer, []).append(i)
+        for combo in itertools.product(*kids.values()):
+            chosen = [top, *combo]
+            per_block.setdefault(options[top].layer, []).append(
+                (sum(options[i].damage for i in chosen), sum(options[i].costs[0] for i in chosen), chosen))
+    best = None
+    for paths in itertools.product(*per_block.values()):
+        cost = fixed + sum(p[1] for p in paths)
+        damage = sum(p[0] for p in paths)
+        if cost <= limit + 1e-9 and (best is None or damage < best[0] - 1e-12):
+            best = (damage, sorted(i for p in paths for i in p[2]))
+    return best
+
+
+def test_the_solver_finds_the_exact_optimum_of_a_small_nested_knapsack():
+    rng = random.Random(0)
+    for trial in range(6):
+        options = _nested_problem(rng)
+        full = sum(max(o.costs[0] for o in options if o.layer == layer and o.parent == parent)
+                   for layer, parent in {(o.layer, o.parent) for o in options} if parent is None or True)
+        for fraction in (0.25, 0.4, 0.6, 0.9):
+            limit = 1.0 + fraction * full
+            expected = _brute_force(options, limit, fixed=1.0)
+            chosen = solve(options, (limit,), (1.0,))
+            if expected is None:
+                assert chosen is None, f"problem {trial} at {fraction}: nothing fits, the solver chose {chosen}"
+                continue
+            assert chosen is not None, f"problem {trial} at {fraction}: a solution exists"
+            damage = sum(options[i].damage for i in chosen)
+            cost = 1.0 + sum(options[i].costs[0] for i in chosen)
+            assert cost <= limit + 1e-9, "the chosen options are within the limit"
+            assert damage == pytest.approx(expected[0], abs=1e-9), f"problem {trial} at {fraction}: not the optimum"
+            # one option per layer under the chosen parent, none under parents not chosen
+            picked = set(chosen)
+            for i in chosen:
+                parent = options[i].parent
+                assert parent is None or parent in picked
+
+
+def test_the_solver_says_when_nothing_fits():
+    options = [Option("a", "", None, 0.0, (5.0,)), Option("a", "x", None, 0.3, (3.0,))]
+    assert solve(options, (2.0,)) is None
+    assert solve(options, (4.0,)) == [1]
+    assert solve(options, (9.0,)) == [0], "the undamaged option wins when it fits"
+
+
+# --- damage ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_identity_setting_does_no_damage_and_a_compressed_one_does(trained_tiny, fmnist, plugins):
+    model, _ = trained_tiny
+    images = fmnist.train.images[:64]
+    from autocompress.evaluate import logits
+
+    assert kl_damage(logits(model, images), model, images) == 0.0  # measured, not assumed
+    import copy
+
+    from autocompress.compose import apply_policy
+    from autocompress.policy import Policy
+
+    pruned = apply_policy(model, Policy.from_dict({"techniques": {"pruning": {"layers": {
+        "blocks.0": {"mlp": 0.25}, "blocks.1": {"mlp": 0.25}}}}}), plugins.techniques)
+    calls = []
+
+    def compress(params):
+        calls.append(params)
+        return copy.deepcopy(model) if not params else pruned
+
+    sens = Sensitivity(model, images, compress)
+    out = sens.measure([("", {}), ("mlp", {"x": 1})])
+    assert out[""] == 0.0 and len(calls) == 1, "the identity is zero by definition and never scored"
+    assert out["mlp"] > 0.01
+
+
+# --- the solver's path end to end ------------------------------------------------------------------------------------
+
+
+def _space(tmp_path) -> str:
+    space = {"techniques": {
+        "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))",
+                                     "format": ["fp32", "bf16"]}]},
+        "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5, 0.25]}]},
+        "distillation": {"options": {"steps": [0, 25]}},
+    }}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+def _memory_config(tiny_config, tmp_path, **search) -> dict:
+    return {**tiny_config, "space": _space(tmp_path), "budget": "memory=0.45x",
+            "search": {"trials": 5, "sampler": "tpe", "seed": 0, "finalize_steps": 0, **search}}
+
+
+def test_solver_seeds_are_predicted_within_the_budget_and_come_first(tiny_config, tmp_path):
+    """A memory budget (exact costs): every seed's predicted memory is within its fraction of the limit and is the
+    memory its model really has; the seeds are the trials after the uncompressed model, marked as the solver's."""
+    config = config_from_dict(_memory_config(tiny_config, tmp_path))
+    lines = []
+    result = autocompress.search(config, progress=False, log=lines.append)
+    trials = result.trials.set_index("number")
+    assert trials.loc[0, "baseline"] == "uncompressed" and trials.loc[0, "origin"] == "baseline"
+    front = pd.read_csv(tmp_path / "run" / "solver.csv")
+    assert len(front) >= 2, "several fractions of the limit give several seeds"
+    seeds = trials[trials["origin"] == "solver"]
+    assert list(seeds.index) == list(range(1, 1 + len(front)))
+    for (_, seed), (_, row) in zip(front.iterrows(), seeds.iterrows()):
+        assert seed["predicted_memory_mb"] <= seed["fraction"] * result.limit + 1e-9
+        assert row["memory_mb"] == pytest.approx(seed["predicted_memory_mb"], rel=1e-6), "memory costs are exact"
+        assert row["feasible"]
+    assert set(trials.loc[1 + len(front):, "origin"]) <= {"sampler"}
+    assert any(line.startswith("sensitivity: ") for line in lines)
+    assert (tmp_path / "run" / "sensitivity.json").is_file()
+    phases = yaml.safe_load((tmp_path / "run" / "phases.yaml").read_text())
+    assert {"baseline", "sensitivity", "solve", "trials"} <= set(phases)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="solver-front"' in page and 'id="phase-times"' in page
+
+
+def test_latency_seeds_cost_what_the_table_predicts(tiny_config, tmp_path):
+    """The solver's cost of a seed is the latency model's prediction for its whole policy (the per-option split
+    adds up), and within the fraction of the limit it aimed at."""
+    space = {"techniques": {
+        "lowrank": {"layers": [{"match": "re:blocks\\.\\d+\\.mlp\\.(fc1|fc2)", "rank": [1.0, 0.25]}]},
+        "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5, 0.25]}]},
+    }}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config = config_from_dict({**tiny_config, "space": str(tmp_path / "space.yaml"), "budget": "latency=0.99x",
+                               "search": {"trials": 1, "seed": 0, "latency_table": str(tmp_path / "table.json")}})
+    run = prepare(config, log=lambda _: None)
+    assert run.latency_model is not None, "strategy solve profiles the table first"
+    # a limit the table says the most compressed policy meets at the lowest fraction (whatever this CPU measured)
+    most = {d.name: d.choices[-1] for d in run.space.dimensions}
+    cheapest = run.latency_model.predict(most)
+    assert cheapest < run.latency_model.base_ms, "pruning and low rank shorten the table's prediction"
+    run.budget = Budget.parse(f"latency_ms={1.01 * cheapest / min(run.config.search.solver_fractions):.6f}")
+    plan = plan_seeds(run, tmp_path, log=lambda _: None)
+    assert plan.seeds, plan.why_none
+    for seed in plan.seeds:
+        assert seed.predicted == pytest.approx(run.latency_model.predict(seed.params), rel=1e-6)
+        assert seed.predicted <= seed.fraction * run.limit + 1e-9
+
+
+def test_a_resumed_run_neither_profiles_nor_scores_again(tiny_config, tmp_path):
+    space = {"techniques": {"pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5, 0.25]}]}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    base = {**tiny_config, "space": str(tmp_path / "space.yaml"), "budget": "latency=0.9x",
+            "search": {"trials": 3, "seed": 0, "finalize_steps": 0, "latency_table": str(tmp_path / "table.json")}}
+    first: list[str] = []
+    autocompress.search(config_from_dict(base), progress=False, log=first.append)
+    assert any(line.startswith("latency table ") for line in first), "the first run profiles"
+    assert any(line.startswith("sensitivity: ") for line in first), "the first run scores"
+    scored = json.loads((tmp_path / "run" / "sensitivity.json").read_text())["damage"]
+    again: list[str] = []
+    result = autocompress.search(config_from_dict({**base, "search": {**base["search"], "trials": 4}}),
+                                 resume=True, progress=False, log=again.append)
+    assert len(result.trials) == 4
+    assert not any(line.startswith(("latency table ", "sensitivity: ", "timing each choice")) for line in again), again
+    assert json.loads((tmp_path / "run" / "sensitivity.json").read_text())["damage"] == scored
+
+
+def test_the_final_recovery_raises_validation_accuracy_of_a_damaged_policy(tiny_config, tmp_path):
+    from autocompress.search import _finalize
+    from autocompress.evaluate import accuracy
+
+    config = config_from_dict(_memory_config(tiny_config, tmp_path))
+    run = prepare(config, log=lambda _: None)
+    params = {d.name: (0.25 if d.knob == "mlp" else d.identity) for d in run.space.dimensions}
+    policy = run.policy(params)
+    model = run.compress(policy, seed=0)
+    val = accuracy(model, run.data.val)
+    lines = []
+    final_model, final_policy, final_val = _finalize(run, policy, model, val, steps=150, seed=0, log=lines.append)
+    assert final_val > val + 0.01, f"{val:.4f} -> {final_val:.4f}"
+    assert final_policy.techniques["distillation"].options["steps"] == 150
+    assert accuracy(final_model, run.data.val) == pytest.approx(final_val)
+    assert lines and lines[0].startswith("finalize: ")
