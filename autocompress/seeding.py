@@ -32,7 +32,7 @@ from autocompress.sensitivity import FILE as SENSITIVITY_FILE, Sensitivity
 from autocompress.solver import Option, solve
 from autocompress.technique import ApplyContext, Stage
 
-__all__ = ["MAX_GLOBAL_COMBINATIONS", "Plan", "Seed", "SOLVER_FILE", "plan_seeds"]
+__all__ = ["MAX_GLOBAL_COMBINATIONS", "Plan", "Seed", "SOLVER_FILE", "Solver", "plan_seeds", "second_wave"]
 
 SOLVER_FILE = "solver.csv"
 #: above this many combinations of global options, each non-identity value is solved alone
@@ -55,6 +55,7 @@ class Plan:
     seeds: list[Seed] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     why_none: str = ""  # when there are no seeds: why
+    solver: "Solver | None" = None  # to solve again (second_wave)
 
 
 def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool = False) -> Plan:
@@ -117,51 +118,98 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         fixed = costs.fixed(context)
         global_damage = damage[_damage_key((), g, technique_of, identities, alone=True)[0]]
         problems.append((g, options, settings_of, fixed, global_damage))
-    seeds: list[Seed] = []
-    seen: list[dict[str, Any]] = []
-    for fraction in run.config.search.solver_fractions:
-        best = None
-        for g, options, settings_of, fixed, global_damage in problems:
-            if not math.isfinite(global_damage):
-                continue
-            chosen = solve(options, (fraction * run.limit,), (fixed,))
-            if chosen is None:
-                continue
-            total = global_damage + sum(options[i].damage for i in chosen)
-            if best is None or total < best[0]:
-                cost = fixed + sum(options[i].costs[0] for i in chosen)
-                params = dict(identities)
-                params.update(dict(g))
-                for i in chosen:
-                    params.update(dict(settings_of[i]))
-                if any(params[k] != identities[k] for k in params if k not in recovery):
-                    params.update(recovery)  # something was compressed: train it back
-                best = (total, cost, params)
-        if best is None:
-            log(f"solver: nothing predicted within {fraction:g} x the limit")
-            continue
-        total, cost, params = best
-        if params in seen:
-            continue
-        seen.append(params)
-        seeds.append(Seed(f"solver {fraction:g}x limit", params, fraction, cost, total))
+    plan.solver = Solver(run, problems, identities, recovery, run_dir=run_dir, log=log)
+    seeds = plan.solver.seeds(run.config.search.solver_fractions, log=log)
     plan.phases["solve"] = time.perf_counter() - started
-    unit = "ms" if metric == "latency_ms" else "MB"
-    base = run.baseline.latency_ms if metric == "latency_ms" else run.baseline.memory_mb
-    for seed in seeds:
-        log(f"solver at {seed.fraction:g} x the limit: predicted {seed.predicted:.2f} {unit} "
-            f"({seed.predicted / base:.2f}x), damage {seed.damage:.4f}: {run.policy(seed.params).summary()}")
     if not seeds:
         plan.why_none = "no policy is predicted within the budget"
     plan.seeds = seeds
-    if run_dir is not None:
+    plan.solver.write(run_dir)
+    return plan
+
+
+class Solver:
+    """The per-layer problems of one run, solved again on demand: the first seeds, and later a second wave with the
+    limit corrected by what the first seeds measured (the table's error on this run's policies) and the policies
+    already tried excluded, so it proposes the next best ones."""
+
+    def __init__(self, run: Any, problems: list, identities: Mapping[str, Any], recovery: Mapping[str, Any],
+                 run_dir: Path | None = None, log: Log = print) -> None:
+        self.run, self.problems, self.identities, self.recovery = run, problems, dict(identities), dict(recovery)
+        self.run_dir, self.log = run_dir, log
+        self.solutions: dict[int, list[list[int]]] = {}  # problem index -> solutions handed out
+        self.all: list[Seed] = []
+
+    def seeds(self, fractions: list[float], scale: float = 1.0, log: Log | None = None, label: str = "") -> list[Seed]:
+        """One seed per fraction of ``limit / scale`` (the least damaging solution of any global combination), none
+        that was handed out before."""
+        run = self.run
+        log = log or self.log
+        out: list[Seed] = []
+        for fraction in fractions:
+            best = None
+            for index, (g, options, settings_of, fixed, global_damage) in enumerate(self.problems):
+                if not math.isfinite(global_damage):
+                    continue
+                chosen = solve(options, (fraction * run.limit / scale,), (fixed,), exclude=self.solutions.get(index, []))
+                if chosen is None:
+                    continue
+                total = global_damage + sum(options[i].damage for i in chosen)
+                if best is None or total < best[0]:
+                    best = (total, fixed + sum(options[i].costs[0] for i in chosen), index, chosen, g, settings_of)
+            if best is None:
+                log(f"solver: nothing predicted within {fraction:g} x the limit")
+                continue
+            total, cost, index, chosen, g, settings_of = best
+            self.solutions.setdefault(index, []).append(chosen)
+            params = dict(self.identities)
+            params.update(dict(g))
+            for i in chosen:
+                params.update(dict(settings_of[i]))
+            if any(params[k] != self.identities[k] for k in params if k not in self.recovery):
+                params.update(self.recovery)  # something was compressed: train it back
+            if any(params == seed.params for seed in self.all):
+                continue
+            seed = Seed(f"solver {fraction:g}x limit{label}", params, fraction, cost, total)
+            out.append(seed)
+            self.all.append(seed)
+        metric = run.budget.metric
+        unit = "ms" if metric == "latency_ms" else "MB"
+        base = run.baseline.latency_ms if metric == "latency_ms" else run.baseline.memory_mb
+        for seed in out:
+            log(f"{seed.label}: predicted {seed.predicted:.2f} {unit} ({seed.predicted / base:.2f}x), damage "
+                f"{seed.damage:.4f}: {run.policy(seed.params).summary()}")
+        return out
+
+    def write(self, run_dir: Path | None = None) -> None:
+        run_dir = run_dir or self.run_dir
+        if run_dir is None:
+            return
         import pandas as pd
 
+        metric = self.run.budget.metric
         atomic_write_csv(run_dir / SOLVER_FILE, pd.DataFrame(
             [{"label": s.label, "fraction": s.fraction, f"predicted_{metric}": s.predicted, "damage": s.damage,
-              "policy": run.policy(s.params).summary()} for s in seeds],
+              "policy": self.run.policy(s.params).summary()} for s in self.all],
             columns=["label", "fraction", f"predicted_{metric}", "damage", "policy"]))
-    return plan
+
+
+#: the second wave: solved at these fractions of the corrected limit once the first seeds are measured
+SECOND_WAVE = (0.95, 1.0)
+
+
+def second_wave(solver: Solver, measured: list[tuple[float, float]]) -> list[Seed]:
+    """Seeds solved again once the first ones are measured: ``measured`` holds (predicted, measured) costs of the
+    first seeds; the limit is divided by their median ratio (a table that over-predicts by 5% leaves 5% of the
+    budget unused), and the policies already tried are excluded."""
+    import statistics
+
+    ratios = [m / p for p, m in measured if p > 0 and math.isfinite(m) and math.isfinite(p)]
+    scale = statistics.median(ratios) if ratios else 1.0
+    scale = min(1.25, max(0.8, scale))  # a correction, not a new budget
+    seeds = solver.seeds(list(SECOND_WAVE), scale=scale, label=f", limit corrected by the measured x{scale:.3f}")
+    solver.write()
+    return seeds
 
 
 def _global_combinations(dims: list[Any]) -> list[tuple[Setting, ...]]:

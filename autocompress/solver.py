@@ -48,11 +48,13 @@ class Option:
     costs: tuple[float, ...]
 
 
-def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[float] | None = None) -> list[int] | None:
+def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[float] | None = None,
+          exclude: Sequence[Sequence[int]] = ()) -> list[int] | None:
     """Indices of the chosen options (one per layer and parent), or None when no choice meets ``limits``.
 
-    ``fixed`` is the cost no option covers (the residual), subtracted from each limit. Among equally damaging
-    choices the cheaper one wins (a tie-break far below any measured damage).
+    ``fixed`` is the cost no option covers (the residual), subtracted from each limit. ``exclude``: solutions (as
+    returned) that must not be chosen again, so repeated solves give the next best. Among equally damaging choices
+    the cheaper one wins (a tie-break far below any measured damage).
     """
     try:
         import highspy
@@ -88,6 +90,10 @@ def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[fl
         vals = np.array([1.0] * len(members) + ([-1.0] if parent is not None else []))
         rhs = 0.0 if parent is not None else 1.0
         h.addRow(rhs, rhs, len(cols), cols, vals)
+    for solution in exclude:  # a no-good cut: not all of a previous solution's options together
+        cols = np.array(sorted(set(solution)), dtype=np.int32)
+        if len(cols):
+            h.addRow(-highspy.kHighsInf, float(len(cols) - 1), len(cols), cols, np.ones(len(cols)))
     for k, limit in enumerate(limits):
         if math.isfinite(limit):
             h.addRow(-highspy.kHighsInf, float(limit) - float(fixed[k]), n, index, costs[:, k])

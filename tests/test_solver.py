@@ -125,39 +125,45 @@ def test_the_identity_setting_does_no_damage_and_a_compressed_one_does(trained_t
 # --- the solver's path end to end ------------------------------------------------------------------------------------
 
 
-def _space(tmp_path) -> str:
+def _space(tmp_path, recovery: bool = True) -> str:
     space = {"techniques": {
         "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))",
                                      "format": ["fp32", "bf16"]}]},
         "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5, 0.25]}]},
-        "distillation": {"options": {"steps": [0, 25]}},
+        **({"distillation": {"options": {"steps": [0, 25]}}} if recovery else {}),
     }}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return str(path)
 
 
-def _memory_config(tiny_config, tmp_path, **search) -> dict:
-    return {**tiny_config, "space": _space(tmp_path), "budget": "memory=0.45x",
+def _memory_config(tiny_config, tmp_path, recovery: bool = True, **search) -> dict:
+    return {**tiny_config, "space": _space(tmp_path, recovery), "budget": "memory=0.45x",
             "search": {"trials": 5, "sampler": "tpe", "seed": 0, "finalize_steps": 0, **search}}
 
 
 def test_solver_seeds_are_predicted_within_the_budget_and_come_first(tiny_config, tmp_path):
     """A memory budget (exact costs): every seed's predicted memory is within its fraction of the limit and is the
-    memory its model really has; the seeds are the trials after the uncompressed model, marked as the solver's."""
-    config = config_from_dict(_memory_config(tiny_config, tmp_path))
+    memory its model really has; the seeds are the trials after the uncompressed model, marked as the solver's;
+    once they are measured, a second wave solved again (excluding what was tried) follows them."""
+    config = config_from_dict(_memory_config(tiny_config, tmp_path, recovery=False, trials=7))
     lines = []
     result = autocompress.search(config, progress=False, log=lines.append)
     trials = result.trials.set_index("number")
     assert trials.loc[0, "baseline"] == "uncompressed" and trials.loc[0, "origin"] == "baseline"
     front = pd.read_csv(tmp_path / "run" / "solver.csv")
-    assert len(front) >= 2, "several fractions of the limit give several seeds"
+    first = front[~front["label"].str.contains("corrected")]
+    assert len(first) >= 2, "several fractions of the limit give several seeds"
+    assert len(front) > len(first), "a second wave was solved once the first was measured"
     seeds = trials[trials["origin"] == "solver"]
-    assert list(seeds.index) == list(range(1, 1 + len(front)))
+    assert list(seeds.index) == list(range(1, 1 + len(front))), "both waves before any sampler trial"
+    assert list(seeds["seed"]) == list(front["label"])
     for (_, seed), (_, row) in zip(front.iterrows(), seeds.iterrows()):
         assert seed["predicted_memory_mb"] <= seed["fraction"] * result.limit + 1e-9
         assert row["memory_mb"] == pytest.approx(seed["predicted_memory_mb"], rel=1e-6), "memory costs are exact"
         assert row["feasible"]
+    policies = [tuple(sorted((k, str(v)) for k, v in row.items() if ":" in str(k))) for _, row in seeds.iterrows()]
+    assert len(set(policies)) == len(policies), "no seed repeats another"
     assert set(trials.loc[1 + len(front):, "origin"]) <= {"sampler"}
     assert any(line.startswith("sensitivity: ") for line in lines)
     assert (tmp_path / "run" / "sensitivity.json").is_file()

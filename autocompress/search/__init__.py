@@ -130,7 +130,7 @@ def _plan(run: RunContext, run_dir: Path, progress: bool, log: Callable[[str], N
     from autocompress.seeding import plan_seeds
 
     plan = plan_seeds(run, run_dir, log=log, progress=progress)
-    run.seeds = plan.seeds
+    run.seeds, run.solver = plan.seeds, plan.solver
     run.phases.update(plan.phases)
     if not plan.seeds and run.config.search.baselines == "auto":
         log(f"solver: no seeds ({plan.why_none}); the uniform baselines start the search instead")

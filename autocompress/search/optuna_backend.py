@@ -142,9 +142,38 @@ def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
     return queued
 
 
+def enqueue_second_wave(study: optuna.Study, run: RunContext) -> int:
+    """Once every solver seed has finished, the solver's second wave (``seeding.second_wave``): solved again with the
+    limit corrected by the seeds' measured / predicted cost, excluding what was tried. Queued once per study."""
+    solver = getattr(run, "solver", None)
+    if solver is None or study.user_attrs.get("second_wave"):
+        return 0
+    seeds = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("origin") == "solver"]
+    if not seeds or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in seeds):
+        return 0
+    from autocompress.seeding import second_wave
+
+    metric = run.budget.metric
+    measured = []
+    for t in seeds:
+        cost = _cost(t.user_attrs.get(metric))
+        predicted = _cost(t.user_attrs.get("predicted_latency_ms")) if metric == "latency_ms" else cost
+        measured.append((predicted, cost))
+    study.set_user_attr("second_wave", True)
+    queued = second_wave(solver, measured)
+    for seed in queued:
+        study.enqueue_trial(seed.params, user_attrs={"origin": "solver", "seed": seed.label})
+    return len(queued)
+
+
+def enqueue_followups(study: optuna.Study, run: RunContext) -> int:
+    """What a finished trial may unlock: the composed baselines, the solver's second wave."""
+    return enqueue_composed(study, run) + enqueue_second_wave(study, run)
+
+
 def composed_callback(run: RunContext) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     """For ``study.optimize(callbacks=...)``: called after each trial is finished (no longer RUNNING)."""
-    return lambda study, _trial: enqueue_composed(study, run)
+    return lambda study, _trial: enqueue_followups(study, run)
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -31,7 +31,7 @@ from ray.tune.search import Searcher
 from autocompress.compose import simulated_layers
 from autocompress.runner import RunContext, format_progress, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
-from autocompress.search.optuna_backend import QUEUED_ATTRS, constraint_and_values, enqueue_composed
+from autocompress.search.optuna_backend import QUEUED_ATTRS, constraint_and_values, enqueue_followups
 from autocompress.search.ray_worker import COST_KEY, NODE_KEY, RECORD_KEY, SCORE_KEY, STEP_KEY
 from autocompress.search.shared_study import is_surplus, quota_reached
 
@@ -119,7 +119,7 @@ class StudySearcher(Searcher):
         else:
             return  # ended with the session (Ctrl-C): stays RUNNING in the study, and --resume runs it again
         tell_record(d.study, trial, record, d.run)
-        enqueue_composed(d.study, d.run)
+        enqueue_followups(d.study, d.run)
         d.on_trial(record)
 
     def save(self, checkpoint_path: str) -> None:

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.runner import Baseline, RunContext
 from autocompress.search.optuna_backend import (
-    QUEUED_ATTRS, STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_composed, fail_interrupted,
+    QUEUED_ATTRS, STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_followups, fail_interrupted,
     make_objective, make_pruner, make_sampler,
 )
 from autocompress.search.progress import TrialProgress
@@ -160,7 +160,7 @@ def _work_on(run: RunContext, study: optuna.Study, progress: bool, log: Callable
         if quota_reached(study, total):
             study.stop()
         else:
-            enqueue_composed(study, run)
+            enqueue_followups(study, run)
 
     try:
         with ctrl_c_in_trials_only():
