@@ -33,7 +33,7 @@ BENCHMARKS = {
     "latency_model": ("latency_model.py", [], []),
     "memory_accounting": ("memory_accounting.py", [], ["--policies", "10"]),
     "deit_budget": ("deit_budget.py", [], ["--trials", "20"]),
-    "search_quality": ("search_quality.py", [], ["--trials", "20", "--random-factor", "2", "--budgets", "0.5"]),
+    "search_quality": ("search_quality.py", [], ["--trials", "20", "--random-factor", "0", "--budgets", "0.5", "--methods", "solve,sample"]),
     "overhead": ("overhead.py", [], ["--trials", "8"]),
     "distributed": ("distributed.py", [], []),
 }
