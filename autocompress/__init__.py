@@ -21,8 +21,10 @@ from autocompress.costs import measure_latency, memory_mb, weight_bytes
 from autocompress.errors import AutocompressError, InputError, TechniqueError
 from autocompress.export import ExportResult, export
 from autocompress.hookspecs import hookimpl
+from autocompress.metric import Metric
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
+from autocompress.record import TrialRecord
 from autocompress.results import SearchResult
 
 # Imported eagerly on purpose: the function shares its name with the subpackage autocompress.search, and a lazy
@@ -34,7 +36,8 @@ from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSett
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApplyContext", "AutocompressError", "Budget", "ExportResult", "InputError", "Plugins", "Policy", "RunConfig",
+    "ApplyContext", "AutocompressError", "Budget", "ExportResult", "InputError", "Metric", "Plugins", "Policy",
+    "RunConfig", "TrialRecord",
     "SearchResult", "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "TrialStopped", "apply",
     "export", "hookimpl", "load_compressed", "load_config", "load_plugins", "measure_latency", "memory_mb",
     "save_compressed", "search", "weight_bytes",

@@ -1,9 +1,11 @@
 """Deployment budgets: ``latency=0.5x`` (relative to the uncompressed model, measured in the same process),
-``latency_ms=12``, ``memory_mb=5`` or ``memory=0.25x``. A policy is feasible when its measured cost is at most the
-limit."""
+``latency_ms=12``, ``memory_mb=5`` or ``memory=0.25x``, or several at once (``latency=0.5x,memory=0.5x``). A policy
+is feasible when each measured cost is at most its limit. The first limit is the one the search trades accuracy
+against (the second objective, the Pareto front's cost axis); the others are constraints only."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -19,9 +21,35 @@ class Budget:
     metric: str  # "latency_ms" or "memory_mb": the trial column the limit applies to
     value: float
     relative: bool  # value is a fraction of the uncompressed model's cost
+    also: tuple["Budget", ...] = ()  # further limits, each on another cost (constraints only)
 
     @classmethod
     def parse(cls, text: str, field: str = "budget") -> "Budget":
+        parts = (text or "").split(",")
+        if len(parts) == 1:
+            return cls._parse_one(text, field)
+        budgets = [cls._parse_one(part, field) for part in parts]
+        metrics = [b.metric for b in budgets]
+        repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+        if repeated:
+            raise InputError(field, f"{repeated[0].split('_')[0]} is limited twice in {text!r}")
+        return dataclasses.replace(budgets[0], also=tuple(budgets[1:]))
+
+    @property
+    def parts(self) -> tuple["Budget", ...]:
+        """Every limit, the primary first, each as a single budget."""
+        return (dataclasses.replace(self, also=()), *self.also)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(b.metric for b in self.parts)
+
+    def limits(self, baseline_latency_ms: float, baseline_memory_mb: float) -> dict[str, float]:
+        """``{metric: limit}`` of every limit, the primary first."""
+        return {b.metric: b.limit(baseline_latency_ms, baseline_memory_mb) for b in self.parts}
+
+    @classmethod
+    def _parse_one(cls, text: str, field: str) -> "Budget":
         m = _FORM.match(text or "")
         if not m:
             raise InputError(field, f"cannot read {text!r} (use latency=0.5x, latency_ms=12, memory_mb=5 or memory=0.25x)")
@@ -47,6 +75,8 @@ class Budget:
         return self.value * base
 
     def __str__(self) -> str:
+        if self.also:
+            return ",".join(str(b) for b in self.parts)
         if self.relative:
             return f"{self.metric.split('_')[0]}={self.value:g}x"
         return f"{self.metric}={self.value:g}"

@@ -69,6 +69,8 @@ class SearchConfig:
     # sampler find its way (the search before the solver)
     strategy: str = "solve"
     solver_fractions: list = field(default_factory=lambda: [0.75, 0.85, 0.95, 1.0])  # of the limit, one seed each
+    # later waves of two seeds each (the next best policies, the limit corrected by what the earlier seeds measured)
+    solver_waves: int = 3
     # the uniform single-technique policies (every layer int8, rank 0.5 everywhere, ...) as trials: true/false, or
     # auto: spent as trials with strategy sample, not with solve (the solver's seeds start the search instead)
     baselines: Any = "auto"
@@ -269,6 +271,8 @@ def validate(config: RunConfig) -> None:
     if (not isinstance(fractions, list) or not fractions
             or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions)):
         raise InputError(f"{src}.search.solver_fractions", f"must be a list of fractions of the limit in (0, 1], got {fractions!r}")
+    if config.search.solver_waves < 0:
+        raise InputError(f"{src}.search.solver_waves", f"must be 0 or more, got {config.search.solver_waves}")
     if config.search.finalize_top < 1:
         raise InputError(f"{src}.search.finalize_top", f"must be at least 1, got {config.search.finalize_top}")
     if config.search.sampler not in ("tpe", "nsga2", "random"):

@@ -42,9 +42,10 @@ def autocompress_register_techniques(register: Callable[["Technique"], None]) ->
 def autocompress_trial_completed(record: dict) -> None:
     """Called after each trial of a search with the row that goes into ``trials.csv``.
 
-    ``record`` holds ``number``, ``state``, ``feasible``, ``val_accuracy``, ``latency_ms``, ``memory_mb``, the chosen
-    settings and ``error``. Use it for logging or external tracking; the return value is ignored and an exception
-    here is reported but does not fail the trial.
+    ``record`` is :meth:`autocompress.record.TrialRecord.to_dict` (``number``, ``state``, ``feasible``,
+    ``val_accuracy``, ``latency_ms``, ``memory_mb``, ``origin``, ``error``, ...: every field of the record, whichever
+    backend ran the trial) plus the chosen settings. Use it for logging or external tracking; the return value is
+    ignored and an exception here is reported but does not fail the trial.
     """
 
 

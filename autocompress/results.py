@@ -11,11 +11,10 @@ from typing import Any, Iterable
 import pandas as pd
 
 from autocompress.policy import Policy
+from autocompress.record import COLUMNS
 
-RECORD_COLUMNS = [
-    "number", "state", "feasible", "val_accuracy", "latency_ms", "predicted_latency_ms", "memory_mb", "speedup",
-    "simulated", "origin", "baseline", "seed", "policy", "skipped", "duration_s", "error", "progress", "node",
-]
+#: the columns of trials.csv before the search parameters (autocompress.record: one schema for every backend)
+RECORD_COLUMNS = COLUMNS
 
 
 @dataclass

@@ -23,9 +23,11 @@ from autocompress.cpu import cpu_info
 from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
 from autocompress.errors import InputError, TechniqueError
 from autocompress.evaluate import accuracy
+from autocompress.metric import ACCURACY, Metric
 from autocompress.models import create_model, load_checkpoint
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
+from autocompress.record import TrialRecord
 from autocompress.screening import measure_slow_choices, without_choices
 from autocompress.space import ResolvedSpace, SearchSpace
 from autocompress.technique import ApplyContext, Stage, TrialStopped  # TrialStopped: re-exported
@@ -46,10 +48,11 @@ class Baseline:
     #: choices measured slower than the uncompressed model on this machine, left out of a latency-budget search
     #: (see screening.py): part of the baseline, so a resumed run and every worker search the same space
     slow_choices: dict[str, float] = field(default_factory=dict)
+    metric: str = "accuracy"  # what val_accuracy (and test_accuracy) hold: the search's metric, by name
 
     def to_dict(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy,
-                "slow_choices": dict(self.slow_choices)}
+                "slow_choices": dict(self.slow_choices), "metric": self.metric}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Baseline":
@@ -57,7 +60,8 @@ class Baseline:
         when a number is missing or not one."""
         slow = data.get("slow_choices") or {}
         return cls(*(float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")),
-                   slow_choices={str(k): float(v) for k, v in dict(slow).items()})
+                   slow_choices={str(k): float(v) for k, v in dict(slow).items()},
+                   metric=str(data.get("metric") or "accuracy"))
 
 
 @dataclass
@@ -74,13 +78,20 @@ class RunContext:
     rebuildable: bool = True  # the model is a named timm architecture, so compressed models can be saved
     data_from_config: bool = True  # the data were loaded from config.data, so a worker process can load them again
     latency_model: Any = None  # a calibrated autocompress.latency_model.LatencyPredictor (latency budgets), or None
+    metric: Metric = ACCURACY  # the score maximized on the validation split (autocompress/metric.py)
     seeds: list[Any] = field(default_factory=list)  # the solver's first trials (autocompress.seeding.Seed)
     solver: Any = None  # autocompress.seeding.Solver: solves again once the seeds are measured (second wave)
     phases: dict[str, float] = field(default_factory=dict)  # what the run did before and after its trials, in s
 
     @property
     def limit(self) -> float:
+        """The primary limit (the cost the search trades accuracy against)."""
         return self.budget.limit(self.baseline.latency_ms, self.baseline.memory_mb)
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """Every limit, ``{metric: limit}``, the primary first."""
+        return self.budget.limits(self.baseline.latency_ms, self.baseline.memory_mb)
 
     @property
     def techniques(self):
@@ -110,12 +121,14 @@ class RunContext:
         return measure_latency(model, self.example, t.threads, t.warmup, t.repeats).median_ms
 
     def compress(self, policy: Policy, seed: int = 0, report=None) -> nn.Module:
-        return compress(self.model, policy, self.techniques, self.config, self.data, seed, self.cache, report)
+        return compress(self.model, policy, self.techniques, self.config, self.data, seed, self.cache, report,
+                        metric=self.metric)
 
 
 def make_apply_context(
     config: RunConfig, teacher: nn.Module, data: Dataset, seed: int,
     cache: dict[str, Any] | None = None, report: Callable[[int, float], bool] | None = None,
+    metric: Metric = None,
 ) -> ApplyContext:
     """What techniques may use: calibration batches, the recovery-training subset, the teacher, a val probe."""
     cal_n = min(config.data.calibration_size, len(data.train))
@@ -132,7 +145,7 @@ def make_apply_context(
         calibration=calibration,
         train_data=(data.train.images[:n], data.train.labels[:n]),
         teacher=teacher,
-        evaluate=lambda m: accuracy(m, val_probe),
+        evaluate=lambda m: (metric or ACCURACY)(m, val_probe),
         report=report,
         cache=cache if cache is not None else {},
     )
@@ -141,10 +154,11 @@ def make_apply_context(
 def compress(
     model: nn.Module, policy: Policy, techniques, config: RunConfig, data: Dataset, seed: int,
     cache: dict[str, Any] | None = None, report: Callable[[int, float], bool] | None = None,
+    metric: Metric | None = None,
 ) -> nn.Module:
     """The compressed copy of ``model``; the global RNG state is left as it was."""
     with torch.random.fork_rng():
-        ctx = make_apply_context(config, model, data, seed, cache, report)
+        ctx = make_apply_context(config, model, data, seed, cache, report, metric=metric)
         return apply_policy(model, policy, techniques, ctx)
 
 
@@ -156,12 +170,14 @@ def prepare(
     baseline: dict[str, float] | None = None,
     log: Log = print,
     latency_model: bool | None = None,
+    metric: Metric | Callable[[nn.Module, Any], float] | None = None,
 ) -> RunContext:
     """Load (or take) the pieces of a run and measure the uncompressed baseline, unless given (on resume).
 
     ``latency_model``: build the per-layer latency model (latency budgets); by default when the config asks for
     it (``search.latency_model``) or the solver needs it (``search.strategy: solve``)."""
     torch.set_num_threads(config.target.threads)
+    metric = Metric.of(metric)
     # cheap checks first, so a wrong budget or space file fails before any data or model is loaded
     budget = config_budget(config)
     space = SearchSpace.load(config.resolve_path(config.space) if _is_path(config.space) else config.space)
@@ -197,10 +213,11 @@ def prepare(
             # another process during one measurement made a demo's limit 8x too generous
             latency_ms=min(measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms for _ in range(3)),
             memory_mb=memory_mb(model),
-            val_accuracy=accuracy(model, data.val),
+            val_accuracy=metric(model, data.val),
+            metric=metric.name,
         )
         phases["baseline"] = time.perf_counter() - started
-        if budget.metric == "latency_ms" and not config.search.keep_slow_choices:
+        if "latency_ms" in budget.metrics and not config.search.keep_slow_choices:
             log("timing each choice against the uncompressed model ...")
             started = time.perf_counter()
             base.slow_choices = measure_slow_choices(model, resolved, plugins.techniques, example, config.target)
@@ -216,7 +233,7 @@ def prepare(
     predictor = None
     if latency_model is None:
         latency_model = config.search.latency_model or config.search.strategy == "solve"
-    if budget.metric == "latency_ms" and latency_model:
+    if "latency_ms" in budget.metrics and latency_model:
         from autocompress.latency_model import predictor_for_run
 
         # the solver costs every option from the table: profiled first (or reused from the cache)
@@ -224,7 +241,7 @@ def prepare(
         predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
         phases["profile"] = time.perf_counter() - started
     return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
-                      data_from_config=data_from_config, latency_model=predictor, phases=phases)
+                      data_from_config=data_from_config, latency_model=predictor, phases=phases, metric=metric)
 
 
 def config_budget(config: RunConfig) -> Budget:
@@ -303,11 +320,8 @@ def evaluate_params(
         if bound is not None and time.perf_counter() - started > bound and record["state"] != "FAIL":
             raise TrialTimeout(f"exceeded the trial time bound of {bound:g} s (search.trial_timeout_s)")
     except TrialTimeout as exc:
-        record = {
-            "number": number, "state": "FAIL", "feasible": False, "val_accuracy": math.nan, "latency_ms": math.nan,
-            "memory_mb": math.nan, "simulated": "", "policy": run.policy(params).summary(), "skipped": "",
-            "error": str(exc), "duration_s": round(time.perf_counter() - started, 3),
-        }
+        record = TrialRecord.failed(number, str(exc), policy=run.policy(params).summary(),
+                                    duration_s=round(time.perf_counter() - started, 3)).to_dict()
     return record
 
 
@@ -320,64 +334,61 @@ def _evaluate_params(
     latency on the structure-only model; a candidate over budget is not evaluated for accuracy.
     """
     started = time.perf_counter()
-    record: dict[str, Any] = {
-        "number": number, "state": "COMPLETE", "feasible": False, "val_accuracy": math.nan,
-        "latency_ms": math.nan, "predicted_latency_ms": math.nan, "memory_mb": math.nan, "simulated": "", "policy": "",
-        "skipped": "", "error": "", "progress": "",
-    }
+    record = TrialRecord(number)
     seed = run.config.search.seed + number
-    metric, limit = run.budget.metric, run.limit
+    metric, limits = run.budget.metric, run.limits
     try:
         policy = run.policy(params)
-        record["policy"] = policy.summary()
-        record["simulated"] = " ".join(simulated_layers(policy, run.techniques))
+        record.policy = policy.summary()
+        record.simulated = " ".join(simulated_layers(policy, run.techniques))
         stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
-        record["predicted_latency_ms"] = predicted = run.predict_latency(policy)
-        if metric == "latency_ms" and predicted > limit * run.config.search.latency_model_margin:
-            record["skipped"] = "predicted latency over budget"  # clearly over: neither compressed nor measured
-        elif metric == "memory_mb" or Stage.RECOVERY in stages:
+        record.predicted_latency_ms = predicted = run.predict_latency(policy)
+        if "latency_ms" in limits and predicted > limits["latency_ms"] * run.config.search.latency_model_margin:
+            record.skipped = "predicted latency over budget"  # clearly over: neither compressed nor measured
+        elif "memory_mb" in limits or Stage.RECOVERY in stages:
             with torch.random.fork_rng():
                 skeleton = apply_policy(run.model, policy, run.techniques, ApplyContext(structure_only=True, seed=seed))
-            record["memory_mb"] = memory_mb(skeleton)
-            pre_cost = record["memory_mb"]
-            if metric == "memory_mb" and record["memory_mb"] > limit:
-                record["skipped"] = "memory over budget"
-            elif metric == "latency_ms":
-                pre = pre_cost = run.measure(skeleton)
-                if pre > limit * PRE_TRAINING_MARGIN:  # clearly over: do not pay for training
-                    record["latency_ms"] = pre
-                    record["skipped"] = "latency over budget (before recovery training)"
+            record.memory_mb = memory_mb(skeleton)
+            if "memory_mb" in limits and record.memory_mb > limits["memory_mb"]:
+                record.skipped = "memory over budget"
+            elif "latency_ms" in limits and Stage.RECOVERY in stages:
+                record.latency_ms = run.measure(skeleton)
+                if record.latency_ms > limits["latency_ms"] * PRE_TRAINING_MARGIN:  # clearly over: do not train
+                    record.skipped = "latency over budget (before recovery training)"
             del skeleton
             if isinstance(report, TrialReport):
-                report.cost = pre_cost  # early-stopping rules compare trials of similar cost
-        if not record["skipped"]:
+                report.cost = record.cost(metric)  # early-stopping rules compare trials of similar cost
+            if not record.skipped:
+                record.latency_ms = math.nan  # measured again on the trained model
+        if not record.skipped:
             model = run.compress(policy, seed=seed, report=report)
             with torch.inference_mode():  # a broken model fails here, whether or not it meets the budget
                 if not bool(torch.isfinite(model(run.example[:8])).all()):
                     raise TechniqueError("the compressed model outputs NaN or infinite values")
-            record["memory_mb"] = memory_mb(model)
-            record["latency_ms"] = run.measure(model)
-            if record[metric] > limit:
-                record["skipped"] = f"{metric.split('_')[0]} over budget"
+            record.memory_mb = memory_mb(model)
+            record.latency_ms = run.measure(model)
+            over = [m for m, limit in limits.items() if record.cost(m) > limit]
+            if over:
+                record.skipped = f"{over[0].split('_')[0]} over budget"
             else:
-                acc = accuracy(model, run.data.val, require_finite=True)
+                acc = run.metric(model, run.data.val, require_finite=True)
                 if not math.isfinite(acc):
                     raise TechniqueError("validation accuracy is not a number")
-                record["val_accuracy"] = acc
-        record["feasible"] = not record["skipped"] and record[metric] <= limit
+                record.val_accuracy = acc
+        record.feasible = not record.skipped and all(record.cost(m) <= limit for m, limit in limits.items())
     except TrialStopped as exc:
-        record["state"] = "PRUNED"
+        record.state = "PRUNED"
         why = report.reason if isinstance(report, TrialReport) and report.reason else ""
-        record["skipped"] = f"stopped early at {exc}" + (f" ({why})" if why else "")
+        record.skipped = f"stopped early at {exc}" + (f" ({why})" if why else "")
     except (TechniqueError, InputError) as exc:
-        record["state"], record["error"] = "FAIL", str(exc)
+        record.state, record.error = "FAIL", str(exc)
     except Exception as exc:  # a bug anywhere in a plugin fails only this trial
-        record["state"] = "FAIL"
-        record["error"] = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2).splitlines()[-3].strip()}"
+        record.state = "FAIL"
+        record.error = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2).splitlines()[-3].strip()}"
     if isinstance(report, TrialReport):
-        record["progress"] = format_progress(report.values)
-    record["duration_s"] = round(time.perf_counter() - started, 3)
-    return record
+        record.progress = format_progress(report.values)
+    record.duration_s = round(time.perf_counter() - started, 3)
+    return record.to_dict()
 
 
 def example_batch(data: Dataset, batch_size: int) -> torch.Tensor:

@@ -62,15 +62,14 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
     """The solver's seeds for ``run`` (a :class:`autocompress.runner.RunContext`); the damages are kept in
     ``run_dir/sensitivity.json`` and the front in ``run_dir/solver.csv``."""
     plan = Plan()
-    space, techniques, metric = run.space, run.techniques, run.budget.metric
-    if metric == "latency_ms":
-        predictor = run.latency_model
+    space, techniques, metrics = run.space, run.techniques, run.budget.metrics
+    predictor = run.latency_model if "latency_ms" in metrics else None
+    if "latency_ms" in metrics:
         if predictor is None:
             plan.why_none = "no latency table for this run"
             return plan
         layout = predictor.layout
     else:
-        predictor = None
         layout = Layout.of(space, neutral=[d.name for d in space.dimensions if d.layer is None])
     recovery = {d.name: d.choices[-1] for d in space.dimensions
                 if d.layer is None and techniques[d.technique].stage == Stage.RECOVERY}
@@ -107,7 +106,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
 
     # costs and the solve, for each global combination and fraction
     started = time.perf_counter()
-    costs = _Costs(run, layout, predictor, identities)
+    costs = [_Costs(run, layout, predictor if m == "latency_ms" else None, identities) for m in metrics]
     problems = []
     for g in combos:
         context = tuple((p, v) for p, v in g if p in {k.param for k in layout.layers[MODEL].knobs})
@@ -115,7 +114,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         for root in layout.roots:
             _add_options(layout, root, None, context, g, options, settings_of, costs, damage, technique_of,
                          identities)
-        fixed = costs.fixed(context)
+        fixed = tuple(c.fixed(context) for c in costs)
         global_damage = damage[_damage_key((), g, technique_of, identities, alone=True)[0]]
         problems.append((g, options, settings_of, fixed, global_damage))
     plan.solver = Solver(run, problems, identities, recovery, run_dir=run_dir, log=log)
@@ -151,12 +150,14 @@ class Solver:
             for index, (g, options, settings_of, fixed, global_damage) in enumerate(self.problems):
                 if not math.isfinite(global_damage):
                     continue
-                chosen = solve(options, (fraction * run.limit / scale,), (fixed,), exclude=self.solutions.get(index, []))
+                limits = tuple(fraction * limit / (scale if metric == "latency_ms" else 1.0)
+                               for metric, limit in run.limits.items())
+                chosen = solve(options, limits, fixed, exclude=self.solutions.get(index, []))
                 if chosen is None:
                     continue
                 total = global_damage + sum(options[i].damage for i in chosen)
                 if best is None or total < best[0]:
-                    best = (total, fixed + sum(options[i].costs[0] for i in chosen), index, chosen, g, settings_of)
+                    best = (total, fixed[0] + sum(options[i].costs[0] for i in chosen), index, chosen, g, settings_of)
             if best is None:
                 log(f"solver: nothing predicted within {fraction:g} x the limit")
                 continue
@@ -194,11 +195,11 @@ class Solver:
             columns=["label", "fraction", f"predicted_{metric}", "damage", "policy"]))
 
 
-#: the second wave: solved at these fractions of the corrected limit once the first seeds are measured
+#: each later wave: solved at these fractions of the corrected limit once the seeds before it are measured
 SECOND_WAVE = (0.95, 1.0)
 
 
-def second_wave(solver: Solver, measured: list[tuple[float, float]]) -> list[Seed]:
+def second_wave(solver: Solver, measured: list[tuple[float, float]], wave: int = 2) -> list[Seed]:
     """Seeds solved again once the first ones are measured: ``measured`` holds (predicted, measured) costs of the
     first seeds; the limit is divided by their median ratio (a table that over-predicts by 5% leaves 5% of the
     budget unused), and the policies already tried are excluded."""
@@ -207,7 +208,7 @@ def second_wave(solver: Solver, measured: list[tuple[float, float]]) -> list[See
     ratios = [m / p for p, m in measured if p > 0 and math.isfinite(m) and math.isfinite(p)]
     scale = statistics.median(ratios) if ratios else 1.0
     scale = min(1.25, max(0.8, scale))  # a correction, not a new budget
-    seeds = solver.seeds(list(SECOND_WAVE), scale=scale, label=f", limit corrected by the measured x{scale:.3f}")
+    seeds = solver.seeds(list(SECOND_WAVE), scale=scale, label=f", wave {wave}, limit corrected x{scale:.3f}")
     solver.write()
     return seeds
 
@@ -245,20 +246,20 @@ def _damage_key(own: tuple[Setting, ...], g: tuple[Setting, ...], technique_of: 
 
 
 def _add_options(layout: Layout, name: str, parent: int | None, context: tuple[Setting, ...], g: tuple[Setting, ...],
-                 options: list[Option], settings_of: list[tuple[Setting, ...]], costs: "_Costs",
+                 options: list[Option], settings_of: list[tuple[Setting, ...]], costs: list["_Costs"],
                  damage: Mapping[str, float], technique_of: Mapping[str, str], identities: Mapping[str, Any]) -> None:
     children = layout.children(name)
     for own in _own_options(layout, name):
         settings = context + own
         try:
-            cost = costs.layer(name, settings) - sum(costs.layer(child, settings) for child in children)
+            cost = tuple(c.layer(name, settings) - sum(c.layer(child, settings) for child in children) for c in costs)
         except _NoCost:
             continue  # not profiled or not realisable: never chosen
         d = damage[_damage_key(own, g, technique_of, identities)[0]]
         if not math.isfinite(d):
             continue
         index = len(options)
-        options.append(Option(name, settings_key(own), parent, d, (cost,)))
+        options.append(Option(name, settings_key(own), parent, d, cost))
         settings_of.append(own)
         for child in children:
             _add_options(layout, child, index, settings, g, options, settings_of, costs, damage, technique_of,

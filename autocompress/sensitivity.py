@@ -28,6 +28,7 @@ __all__ = ["FILE", "Sensitivity", "kl_damage"]
 
 FILE = "sensitivity.json"
 FORMAT = "autocompress.sensitivity/1"
+SAVE_EVERY = 25  # settings scored between two saves of sensitivity.json
 
 
 def kl_damage(reference_logits: torch.Tensor, model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> float:
@@ -104,6 +105,8 @@ class Sensitivity:
                 if on_error is not None:
                     on_error(key, exc)
             self.measured += 1
+            if self.measured % SAVE_EVERY == 0:
+                self.save()  # a run killed while scoring keeps what it scored (--resume scores the rest)
         self.seconds += time.perf_counter() - started
         if todo:
             self.save()

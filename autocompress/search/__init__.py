@@ -24,7 +24,7 @@ from autocompress.compose import save_compressed
 from autocompress.config import RunConfig, config_from_dict, finalize_steps, load_config, validate
 from autocompress.data import Dataset
 from autocompress.errors import InputError, SearchInterrupted
-from autocompress.evaluate import accuracy
+from autocompress.metric import ACCURACY, Metric
 from autocompress.io import atomic_write_csv, atomic_write_text
 from autocompress.policy import Policy, _yaml_where
 from autocompress.results import (
@@ -60,11 +60,15 @@ def search(
     progress: bool = True,
     log: Callable[[str], None] = print,
     backend_options: dict[str, Any] | None = None,
+    metric: Callable[[nn.Module, Any], float] | Metric | None = None,
 ) -> SearchResult:
     """Search compression policies for ``model`` on ``data`` under ``budget``; returns a :class:`SearchResult`.
 
     ``config`` is a config file, a dict or a :class:`RunConfig`; keyword arguments override it. A model and data
     given directly are used as they are (the model's weights are taken as the baseline).
+
+    ``metric``: the score maximized on the validation split, ``fn(model, split) -> float`` (higher is better;
+    ``split`` has ``images`` and ``labels``); accuracy by default (see ``autocompress/metric.py``).
 
     ``backend_options``: ``storage`` (an Optuna storage URL shared by several worker processes, see
     ``search/storage.py``); with ``backend="ray"`` also ``address`` (a Ray cluster to join), ``max_concurrent``,
@@ -102,7 +106,7 @@ def search(
         baseline = _saved_baseline(run_dir) if resume else None
     if resume:
         _check_same_run(config, run_dir, given={k for k in ("budget", "space") if overrides[k] is not None})
-    run = prepare(config, plugins=plugins, model=model, data=data, baseline=baseline, log=log)
+    run = prepare(config, plugins=plugins, model=model, data=data, baseline=baseline, log=log, metric=metric)
 
     try:  # nothing is written before every input has been checked
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +171,8 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
         log(f"warning: {drift}")
     front = pareto_front(frame, metric)
     baseline = run.baseline.to_dict()
-    baseline["test_accuracy"] = accuracy(run.model, run.data.test)
+    score = getattr(run, "metric", None) or ACCURACY
+    baseline["test_accuracy"] = score(run.model, run.data.test)
     steps = finalize_steps(run.config.search) if not front.empty else 0
     phases = getattr(run, "phases", {})
     best_policy = None
@@ -184,12 +189,12 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
             policy = run.policy(params_of(row.to_dict(), frame.columns))
             seed = run.config.search.seed + int(row["number"])
             model = run.compress(policy, seed=seed)
-            vals.append(accuracy(model, run.data.val))
+            vals.append(score(model, run.data.val))
             finals.append(math.nan)
             if steps and i < run.config.search.finalize_top:
                 model, policy, finals[-1] = _finalize(run, policy, model, vals[-1], steps, seed, log)
             # honest evaluation: with a final recovery, the test split scores only what it produced
-            tests.append(accuracy(model, run.data.test) if not steps or i < run.config.search.finalize_top
+            tests.append(score(model, run.data.test) if not steps or i < run.config.search.finalize_top
                          else math.nan)
             if i == 0:
                 best_policy, best_model = policy, model
@@ -247,7 +252,7 @@ def _finalize(run: RunContext, policy: Policy, model: nn.Module, val: float, ste
         return model, policy, math.nan
     started = time.perf_counter()
     trained = run.compress(final, seed=seed)
-    final_val = accuracy(trained, run.data.val)
+    final_val = run.metric(trained, run.data.val)
     kept = final_val >= val
     log(f"finalize: up to {steps} recovery steps on {policy.summary()}: validation accuracy {val:.4f} -> "
         f"{final_val:.4f} in {time.perf_counter() - started:.0f} s" + ("" if kept else "; the search's model is kept"))
@@ -275,7 +280,7 @@ def _closest_with_accuracy(run: RunContext, frame: Any, n: int = 3) -> Any:
         if pd.isna(acc):
             try:
                 policy = run.policy(params_of(row.to_dict(), frame.columns))
-                acc = accuracy(run.compress(policy, seed=run.config.search.seed + int(row["number"])), run.data.val)
+                acc = run.metric(run.compress(policy, seed=run.config.search.seed + int(row["number"])), run.data.val)
             except Exception:  # a technique that fails here already failed or was skipped in its trial
                 acc = math.nan
         accs.append(acc)

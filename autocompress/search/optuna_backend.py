@@ -143,10 +143,12 @@ def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
 
 
 def enqueue_second_wave(study: optuna.Study, run: RunContext) -> int:
-    """Once every solver seed has finished, the solver's second wave (``seeding.second_wave``): solved again with the
-    limit corrected by the seeds' measured / predicted cost, excluding what was tried. Queued once per study."""
+    """Once every solver seed queued so far has finished, the solver's next wave (``seeding.second_wave``): solved
+    again with the limit corrected by the measured / predicted cost of all its trials so far, excluding what was
+    tried, so each wave proposes the next best policies. Up to ``search.solver_waves`` waves per study."""
     solver = getattr(run, "solver", None)
-    if solver is None or study.user_attrs.get("second_wave"):
+    done = int(study.user_attrs.get("solver_waves", 0))
+    if solver is None or done >= run.config.search.solver_waves:
         return 0
     seeds = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("origin") == "solver"]
     if not seeds or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in seeds):
@@ -159,8 +161,8 @@ def enqueue_second_wave(study: optuna.Study, run: RunContext) -> int:
         cost = _cost(t.user_attrs.get(metric))
         predicted = _cost(t.user_attrs.get("predicted_latency_ms")) if metric == "latency_ms" else cost
         measured.append((predicted, cost))
-    study.set_user_attr("second_wave", True)
-    queued = second_wave(solver, measured)
+    study.set_user_attr("solver_waves", done + 1)
+    queued = second_wave(solver, measured, wave=done + 2)
     for seed in queued:
         study.enqueue_trial(seed.params, user_attrs={"origin": "solver", "seed": seed.label})
     return len(queued)
@@ -268,9 +270,7 @@ def make_objective(
         with interruptible():  # the trial's own work; Ctrl-C elsewhere waits for the storage and Optuna
             record = evaluate_params(run, params, trial.number, report=report)
         record.update(extra or {})
-        for key in QUEUED_ATTRS:
-            record.setdefault(key, trial.user_attrs.get(key, ""))
-        record["origin"] = record["origin"] or "sampler"
+        label_record(record, trial)
         for key, value in record.items():
             if key not in ("number", "state"):
                 trial.set_user_attr(key, _plain(value))
@@ -282,9 +282,20 @@ def make_objective(
             raise optuna.TrialPruned(record["skipped"])
         constraint, values = constraint_and_values(record, limit, metric, single)
         trial.set_constraint("budget", constraint)
+        for key, value in further_constraints(record, run.limits).items():
+            trial.set_constraint(key, value)
         return values
 
     return objective
+
+
+def label_record(record: dict[str, Any], trial: optuna.Trial) -> None:
+    """What the queue said about a trial (its baseline label, the solver's label) into its record; a trial nobody
+    queued came from the sampler."""
+    for key in QUEUED_ATTRS:
+        if not record.get(key):
+            record[key] = trial.user_attrs.get(key, "")
+    record["origin"] = record["origin"] or "sampler"
 
 
 def constraint_and_values(
@@ -299,6 +310,17 @@ def constraint_and_values(
     acc = acc if math.isfinite(acc) else 0.0
     constraint = float(cost - limit) if math.isfinite(cost) else 1e9
     return constraint, (acc if single else (acc, cost if math.isfinite(cost) else 1e9))
+
+
+def further_constraints(record: dict[str, Any], limits: dict[str, float]) -> dict[str, float]:
+    """The constraints of a budget's further limits (``latency=0.5x,memory=0.5x``: memory), one per cost, after the
+    primary one (``budget``); feasible when <= 0. An unmeasured cost counts as far over."""
+    out = {}
+    for metric, limit in list(limits.items())[1:]:
+        cost = record.get(metric, math.nan)
+        cost = float(cost) if isinstance(cost, (int, float)) else math.nan
+        out[f"budget.{metric}"] = float(cost - limit) if math.isfinite(cost) else 1e9
+    return out
 
 
 def trial_report(study: optuna.Study, trial: optuna.Trial, pruner: str, single: bool, metric: str) -> TrialReport:

@@ -29,9 +29,12 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from autocompress.compose import simulated_layers
+from autocompress.record import TrialRecord
 from autocompress.runner import RunContext, format_progress, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
-from autocompress.search.optuna_backend import QUEUED_ATTRS, constraint_and_values, enqueue_followups
+from autocompress.search.optuna_backend import (
+    constraint_and_values, enqueue_followups, further_constraints, label_record,
+)
 from autocompress.search.ray_worker import COST_KEY, NODE_KEY, RECORD_KEY, SCORE_KEY, STEP_KEY
 from autocompress.search.shared_study import is_surplus, quota_reached
 
@@ -136,26 +139,22 @@ def _unfinished_record(d: Driver, trial: optuna.Trial, why: str, result: dict, p
                        error: bool) -> dict[str, Any]:
     """The row of a trial that did not report its record: stopped early by the scheduler, or failed in Ray."""
     policy = d.run.policy(dict(trial.params))
-    record: dict[str, Any] = {
-        "number": trial.number, "state": "FAIL" if error else "PRUNED", "feasible": False, "val_accuracy": math.nan,
-        "latency_ms": math.nan, "memory_mb": math.nan, "simulated": " ".join(simulated_layers(policy, d.run.techniques)),
-        "policy": policy.summary(), "skipped": "", "error": "", "progress": format_progress(probes),
-        NODE_KEY: result.get(NODE_KEY, ""),
-    }
+    fields = dict(simulated=" ".join(simulated_layers(policy, d.run.techniques)), policy=policy.summary(),
+                  progress=format_progress(probes), node=result.get(NODE_KEY, ""))
     if error:
-        record["error"] = "the Ray trial failed outside the trial code (worker died or could not start; see the Ray logs)"
+        record = TrialRecord.failed(
+            trial.number, "the Ray trial failed outside the trial code (worker died or could not start; see the Ray "
+                          "logs)", **fields)
     else:
         step = max(probes) if probes else 0
-        record["skipped"] = f"stopped early at step {step} ({why})"
-    return record
+        record = TrialRecord.stopped(trial.number, f"stopped early at step {step} ({why})", **fields)
+    return record.to_dict()
 
 
 def tell_record(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any], run: RunContext) -> None:
     """Finish ``trial`` with ``record`` the way the Optuna backend's objective does (``optuna_backend.make_objective``):
     the record as user attributes, the budget as a constraint, accuracy (and the budgeted cost) as values."""
-    for key in QUEUED_ATTRS:
-        record.setdefault(key, trial.user_attrs.get(key, ""))
-    record["origin"] = record["origin"] or "sampler"
+    label_record(record, trial)
     for key, value in record.items():
         if key not in ("number", "state"):
             trial.set_user_attr(key, None if isinstance(value, float) and math.isnan(value) else value)
@@ -165,6 +164,8 @@ def tell_record(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any]
     record = {**record, **{k: math.nan for k, v in record.items() if v is None}}  # JSON null: not measured
     constraint, values = constraint_and_values(record, run.limit, run.budget.metric, len(study.directions) == 1)
     trial.set_constraint("budget", constraint)
+    for key, value in further_constraints(record, run.limits).items():
+        trial.set_constraint(key, value)
     study.tell(trial, values)
 
 

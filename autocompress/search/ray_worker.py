@@ -22,6 +22,7 @@ from autocompress.config import RunConfig
 from autocompress.data import Dataset
 from autocompress.hookspecs import PROJECT
 from autocompress.pluginmanager import Plugins
+from autocompress.record import TrialRecord
 from autocompress.runner import RunContext, TrialReport, evaluate_params, prepare
 from autocompress.technique import Technique
 
@@ -46,6 +47,7 @@ class WorkerSpec:
     techniques: dict[str, Technique] = field(default_factory=dict)
     model: nn.Module | None = None  # only when the run's model is not described by its config
     data: Dataset | None = None  # only when the run's data are not described by its config
+    metric: Any = None  # the run's autocompress.metric.Metric (a user's evaluator travels pickled)
 
 
 def worker_run(spec: WorkerSpec) -> RunContext:
@@ -57,7 +59,7 @@ def worker_run(spec: WorkerSpec) -> RunContext:
         # the driver planned the run (the solver's table and seeds); a worker profiles only when the config asks
         # for the latency model by name, to skip candidates on their prediction
         run = prepare(spec.config, plugins=plugins, model=spec.model, data=spec.data, baseline=spec.baseline,
-                      log=lambda _: None, latency_model=spec.config.search.latency_model)
+                      log=lambda _: None, latency_model=spec.config.search.latency_model, metric=spec.metric)
         _RUNS[spec.key] = run
     return run
 
@@ -82,11 +84,10 @@ def tune_trial(config: dict[str, Any], spec: WorkerSpec) -> None:
     try:
         run = worker_run(spec)
     except Exception as exc:  # noqa: BLE001 - the worker could not load the run: only this trial fails
-        record = {"number": number, "state": "FAIL", "feasible": False, "val_accuracy": math.nan,
-                  "latency_ms": math.nan, "memory_mb": math.nan, "simulated": "", "policy": "", "skipped": "",
-                  "error": f"worker could not prepare the run: {type(exc).__name__}: {exc} | "
-                           f"{traceback.format_exc(limit=-1).splitlines()[-2].strip()}",
-                  "duration_s": round(time.perf_counter() - started, 3)}
+        record = TrialRecord.failed(
+            number, f"worker could not prepare the run: {type(exc).__name__}: {exc} | "
+                    f"{traceback.format_exc(limit=-1).splitlines()[-2].strip()}",
+            duration_s=round(time.perf_counter() - started, 3)).to_dict()
     else:
         record = evaluate_params(run, params, number, report=TrialReport(probe))
     record[NODE_KEY] = node
