@@ -33,6 +33,9 @@ __all__ = ["SLOWER", "choice_label", "measure_slow_choices", "without_choices"]
 SLOWER = 1.1
 #: after one round, a ratio past this decides at once
 CLEARLY_SLOWER = 3.0
+#: a ratio between SLOWER and this is measured twice and must be slower both times: a burst of load during one
+#: measurement made a tiny model's MLP pruning (truly ~0.95x) read 1.1x once in a CI run, and it was left out
+CONFIRM_BELOW = 1.5
 
 
 def choice_label(technique: str, knob: str, value: Any) -> str:
@@ -56,6 +59,9 @@ def measure_slow_choices(
             if ratio < CLEARLY_SLOWER:
                 ratio = paired_ratio(model, candidate, example, target.threads, warmup=0,
                                      repeats=max(3, target.repeats)).median_ms
+                if SLOWER <= ratio < CONFIRM_BELOW:  # near the line: slower only if a second look agrees
+                    ratio = min(ratio, paired_ratio(model, candidate, example, target.threads, warmup=0,
+                                                    repeats=max(3, target.repeats)).median_ms)
             if ratio >= SLOWER:
                 slow[choice_label(tech, knob, value)] = round(float(ratio), 3)
             del candidate
