@@ -22,7 +22,6 @@ from autocompress.costs import measure_latency, memory_mb, paired_ratio
 from autocompress.cpu import cpu_info
 from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
 from autocompress.errors import InputError, TechniqueError
-from autocompress.evaluate import accuracy
 from autocompress.metric import ACCURACY, Metric
 from autocompress.models import create_model, load_checkpoint
 from autocompress.pluginmanager import Plugins, load_plugins
@@ -128,7 +127,7 @@ class RunContext:
 def make_apply_context(
     config: RunConfig, teacher: nn.Module, data: Dataset, seed: int,
     cache: dict[str, Any] | None = None, report: Callable[[int, float], bool] | None = None,
-    metric: Metric = None,
+    metric: Metric = ACCURACY,
 ) -> ApplyContext:
     """What techniques may use: calibration batches, the recovery-training subset, the teacher, a val probe."""
     cal_n = min(config.data.calibration_size, len(data.train))
@@ -145,7 +144,7 @@ def make_apply_context(
         calibration=calibration,
         train_data=(data.train.images[:n], data.train.labels[:n]),
         teacher=teacher,
-        evaluate=lambda m: (metric or ACCURACY)(m, val_probe),
+        evaluate=lambda m: metric(m, val_probe),
         report=report,
         cache=cache if cache is not None else {},
     )
@@ -154,7 +153,7 @@ def make_apply_context(
 def compress(
     model: nn.Module, policy: Policy, techniques, config: RunConfig, data: Dataset, seed: int,
     cache: dict[str, Any] | None = None, report: Callable[[int, float], bool] | None = None,
-    metric: Metric | None = None,
+    metric: Metric = ACCURACY,
 ) -> nn.Module:
     """The compressed copy of ``model``; the global RNG state is left as it was."""
     with torch.random.fork_rng():

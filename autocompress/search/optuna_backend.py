@@ -250,7 +250,7 @@ def make_objective(
 ) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     """The function Optuna calls for each trial, shared by the one-process search and the workers of a shared
     storage (``shared_study.py``); ``extra`` fields are added to every record (e.g. which worker ran it)."""
-    limit, metric = run.limit, run.budget.metric
+    metric = run.budget.metric
     dims = run.space.dimensions
 
     single = run.config.search.objective == "single"
@@ -280,11 +280,7 @@ def make_objective(
             raise _TrialFailed(record["error"])
         if record["state"] == "PRUNED":
             raise optuna.TrialPruned(record["skipped"])
-        constraint, values = constraint_and_values(record, limit, metric, single)
-        trial.set_constraint("budget", constraint)
-        for key, value in further_constraints(record, run.limits).items():
-            trial.set_constraint(key, value)
-        return values
+        return set_budget_constraints(trial, record, run, single)
 
     return objective
 
@@ -317,10 +313,20 @@ def further_constraints(record: dict[str, Any], limits: dict[str, float]) -> dic
     primary one (``budget``); feasible when <= 0. An unmeasured cost counts as far over."""
     out = {}
     for metric, limit in list(limits.items())[1:]:
-        cost = record.get(metric, math.nan)
-        cost = float(cost) if isinstance(cost, (int, float)) else math.nan
+        cost = _cost(record.get(metric))
         out[f"budget.{metric}"] = float(cost - limit) if math.isfinite(cost) else 1e9
     return out
+
+
+def set_budget_constraints(trial: optuna.Trial, record: dict[str, Any], run: RunContext,
+                           single: bool) -> float | tuple[float, float]:
+    """Every limit of the budget as the trial's constraints (``budget``, ``budget.<cost>``); returns the objective
+    values to tell Optuna. Shared by this objective and the Ray backend's searcher."""
+    constraint, values = constraint_and_values(record, run.limit, run.budget.metric, single)
+    trial.set_constraint("budget", constraint)
+    for key, value in further_constraints(record, run.limits).items():
+        trial.set_constraint(key, value)
+    return values
 
 
 def trial_report(study: optuna.Study, trial: optuna.Trial, pruner: str, single: bool, metric: str) -> TrialReport:

@@ -33,7 +33,7 @@ from autocompress.record import TrialRecord
 from autocompress.runner import RunContext, format_progress, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
 from autocompress.search.optuna_backend import (
-    constraint_and_values, enqueue_followups, further_constraints, label_record,
+    enqueue_followups, label_record, set_budget_constraints,
 )
 from autocompress.search.ray_worker import COST_KEY, NODE_KEY, RECORD_KEY, SCORE_KEY, STEP_KEY
 from autocompress.search.shared_study import is_surplus, quota_reached
@@ -162,11 +162,7 @@ def tell_record(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any]
         study.tell(trial, state=TrialState[record["state"]])
         return
     record = {**record, **{k: math.nan for k, v in record.items() if v is None}}  # JSON null: not measured
-    constraint, values = constraint_and_values(record, run.limit, run.budget.metric, len(study.directions) == 1)
-    trial.set_constraint("budget", constraint)
-    for key, value in further_constraints(record, run.limits).items():
-        trial.set_constraint(key, value)
-    study.tell(trial, values)
+    study.tell(trial, set_budget_constraints(trial, record, run, len(study.directions) == 1))
 
 
 class _NotesStops:
