@@ -20,7 +20,6 @@ from autocompress.compose import load_compressed, save_compressed
 from autocompress.config import config_from_dict
 from autocompress.errors import InputError
 from autocompress.evaluate import accuracy
-from autocompress.hookspecs import hookimpl
 from autocompress.pluginmanager import load_plugins
 from autocompress.policy import Policy
 from autocompress.runner import TrialReport, evaluate_params, prepare
@@ -29,6 +28,7 @@ from autocompress.search.early_stopping import MedianRule
 from autocompress.search.optuna_backend import open_study, run_optuna
 from autocompress.technique import Stage, Technique, TechniqueSettings, TrialStopped
 from autocompress_distillation.train import report_steps
+from autocompress.testing import TechniquePlugin
 
 DAMAGE = 0.9  # fraction of every block's MLP hidden channels zeroed: a heavy structural cut
 
@@ -56,17 +56,9 @@ class ChannelZeroing(Technique):
         return model
 
 
-class DamagePlugin:
-    __name__ = "damage"
-
-    @hookimpl
-    def autocompress_register_techniques(self, register):
-        register(ChannelZeroing())
-
-
 @pytest.fixture(scope="module")
 def test_plugins():
-    plugins = load_plugins(extra=[DamagePlugin()])
+    plugins = load_plugins(extra=[TechniquePlugin("damage", ChannelZeroing())])
     assert {"distillation", "quantization", "zeroing"} <= set(plugins.techniques)
     return plugins
 

@@ -27,6 +27,7 @@ from autocompress.results import RECORD_COLUMNS
 from autocompress.search import search
 from autocompress.search.storage import check_storage_url, open_storage
 from autocompress.technique import Stage, Technique, TrialStopped
+from autocompress.testing import TechniquePlugin
 
 ray = pytest.importorskip("ray")
 
@@ -111,14 +112,6 @@ class FakeTraining(Technique):
         return model
 
 
-class FakeTrainingPlugin:
-    __name__ = "fake_training"
-
-    @hookimpl
-    def autocompress_register_techniques(self, register):
-        register(FakeTraining())
-
-
 def test_a_search_on_a_local_ray_writes_the_usual_run_directory_and_asha_stops_poor_training(
     tiny_config, tmp_path, local_ray
 ):
@@ -127,7 +120,7 @@ def test_a_search_on_a_local_ray_writes_the_usual_run_directory_and_asha_stops_p
     config = small_config(tiny_config, tmp_path, trials=6, space=space, objective="single",
                           pruner="successive_halving", sampler="random", seed=1)
     config["budget"] = "memory=1.0x"  # every policy fits, so every 'good' or 'bad' trial trains
-    search(config_from_dict(config), backend="ray", plugins=load_plugins(extra=[FakeTrainingPlugin()]),
+    search(config_from_dict(config), backend="ray", plugins=load_plugins(extra=[TechniquePlugin("fake_training", FakeTraining())]),
            progress=False, log=lambda _: None, backend_options={"max_concurrent": 1, "cpus_per_trial": 1})
 
     trials = read_trials(tmp_path / "run")

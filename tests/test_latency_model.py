@@ -17,12 +17,12 @@ import autocompress
 from autocompress.compose import apply_policy
 from autocompress.config import config_from_dict
 from autocompress.errors import InputError
-from autocompress.hookspecs import hookimpl
 from autocompress.latency_model import LatencyModelError, LatencyTable, Timing, build_predictor, profiler
 from autocompress.latency_model.layout import settings_key
 from autocompress.pluginmanager import load_plugins
 from autocompress.space import SearchSpace
 from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
+from autocompress.testing import TechniquePlugin
 from conftest import FASHION_MNIST, TINY_VIT, make_tiny_vit
 
 BLOCK_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.(fc1|fc2))"
@@ -51,17 +51,9 @@ class MlpWidth(Technique):
         return model
 
 
-class _MlpWidthPlugin:
-    __name__ = "mlpwidth-test-plugin"
-
-    @hookimpl
-    def autocompress_register_techniques(self, register):
-        register(MlpWidth())
-
-
 @pytest.fixture(scope="module")
 def all_plugins():
-    return load_plugins(extra=[_MlpWidthPlugin()])
+    return load_plugins(extra=[TechniquePlugin("mlpwidth-test-plugin", MlpWidth())])
 
 
 def _space(plugins, model, with_width: bool = False, head: tuple = ("fp32", "bf16")):

@@ -7,17 +7,15 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-import pytest
-import torch
 import yaml
 from torch import nn
 
 import autocompress
 import autocompress.screening
 from autocompress.config import config_from_dict
-from autocompress.hookspecs import hookimpl
 from autocompress.pluginmanager import load_plugins
 from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
+from autocompress.testing import TechniquePlugin
 
 
 class _Wrapped(nn.Module):
@@ -53,14 +51,6 @@ class Sleepy(Technique):
         return model
 
 
-class _SleepyPlugin:
-    __name__ = "sleepy-test-plugin"
-
-    @hookimpl
-    def autocompress_register_techniques(self, register):
-        register(Sleepy())
-
-
 def _config(tiny_config: dict, tmp_path, **search) -> dict:
     space = {"techniques": {
         "sleepy": {"layers": [{"match": "head", "mode": ["off", "slow", "wrapped"]}]},
@@ -73,7 +63,7 @@ def _config(tiny_config: dict, tmp_path, **search) -> dict:
 
 def test_a_choice_slower_than_doing_nothing_is_left_out_and_said(tiny_config, tmp_path, monkeypatch):
     logs: list[str] = []
-    plugins = load_plugins(extra=[_SleepyPlugin()])
+    plugins = load_plugins(extra=[TechniquePlugin("sleepy-test-plugin", Sleepy())])
     result = autocompress.search(config_from_dict(_config(tiny_config, tmp_path)), plugins=plugins, progress=False,
                                  log=logs.append)
     said = [line for line in logs if line.startswith("sleepy.mode=slow: ")]
@@ -102,7 +92,7 @@ def test_keep_slow_choices_keeps_them_and_a_memory_budget_times_nothing(tiny_con
         raise AssertionError("timed the choices")
 
     monkeypatch.setattr(autocompress.runner, "measure_slow_choices", no_timing)
-    plugins = load_plugins(extra=[_SleepyPlugin()])
+    plugins = load_plugins(extra=[TechniquePlugin("sleepy-test-plugin", Sleepy())])
     config = _config(tiny_config, tmp_path, keep_slow_choices=True, trials=6)
     autocompress.search(config_from_dict(config), plugins=plugins, progress=False)
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
