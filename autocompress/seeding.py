@@ -84,7 +84,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         for name in layout.layers:
             if name == MODEL:
                 continue
-            for own in _own_options(layout, name):
+            for own in layout.own_settings(name):
                 key, params = _damage_key(own, g, technique_of, identities)
                 wanted.setdefault(key, params)
         key, params = _damage_key((), g, technique_of, identities, alone=True)
@@ -95,11 +95,10 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         path=None if run_dir is None else run_dir / SENSITIVITY_FILE,
         fingerprint={"space": sorted(wanted), "calibration_size": run.config.data.calibration_size},
     )
-    before = len(sens.damage)
     failed: list[str] = []
     damage = sens.measure(wanted.items(), progress=progress, on_error=lambda key, exc: failed.append(key))
     plan.phases["sensitivity"] = time.perf_counter() - started
-    reused = len([k for k in wanted if k in sens.damage]) - sens.measured if before else 0
+    reused = len([k for k in wanted if k]) - sens.measured  # the identity ("") is never scored
     log(f"sensitivity: {len(wanted)} settings, {sens.measured} scored in {sens.seconds:.1f} s"
         + (f", {reused} from {SENSITIVITY_FILE}" if reused > 0 else "")
         + (f"; {len(failed)} could not be applied (never chosen)" if failed else ""))
@@ -226,12 +225,6 @@ def _global_combinations(dims: list[Any]) -> list[tuple[Setting, ...]]:
     return combos
 
 
-def _own_options(layout: Layout, name: str) -> list[tuple[Setting, ...]]:
-    knobs = layout.layers[name].knobs
-    return [tuple((k.param, v) for k, v in zip(knobs, values) if v != k.identity)
-            for values in itertools.product(*(k.choices for k in knobs))]
-
-
 def _damage_key(own: tuple[Setting, ...], g: tuple[Setting, ...], technique_of: Mapping[str, str],
                 identities: Mapping[str, Any], alone: bool = False) -> tuple[str, dict[str, Any]]:
     """The settings a damage is scored with: ``own`` plus the global options of the techniques ``own`` uses (all of
@@ -249,7 +242,7 @@ def _add_options(layout: Layout, name: str, parent: int | None, context: tuple[S
                  options: list[Option], settings_of: list[tuple[Setting, ...]], costs: list["_Costs"],
                  damage: Mapping[str, float], technique_of: Mapping[str, str], identities: Mapping[str, Any]) -> None:
     children = layout.children(name)
-    for own in _own_options(layout, name):
+    for own in layout.own_settings(name):
         settings = context + own
         try:
             cost = tuple(c.layer(name, settings) - sum(c.layer(child, settings) for child in children) for c in costs)

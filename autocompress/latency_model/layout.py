@@ -128,12 +128,16 @@ class Layout:
         if _product(context + own) <= limit:
             return _all_combinations(context + own), "all"
         if _product(own) <= limit:
-            own_combos = _all_combinations(own)
+            own_combos = self.own_settings(name)
             singles = [(k.param, v) for k in context for v in k.choices if v != k.identity]
             combos = [*own_combos, *((single, *combo) for single in singles for combo in own_combos)]
             return sorted(combos, key=len), "own x context"
         single = [((k.param, v),) for k in context + own for v in k.choices if v != k.identity]
         return [(), *single], "each alone"
+
+    def own_settings(self, name: str) -> list[tuple[Setting, ...]]:
+        """Every combination of ``name``'s own knob values (non-identity settings only; the identity ``()`` first)."""
+        return _all_combinations(list(self.layers[name].knobs))
 
     def settings_of(self, params: Mapping[str, Any]) -> dict[str, list[Setting]]:
         """Non-identity settings of a trial's parameters, grouped by layer; neutral global options are dropped."""
