@@ -264,25 +264,22 @@ def _check_out_file(out: Path) -> None:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from autocompress.compose import check_policy, save_compressed
+    from autocompress.compose import save_compressed
     from autocompress.config import load_config
     from autocompress.costs import compare_latency, memory_mb
     from autocompress.evaluate import accuracy
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
-    from autocompress.runner import example_batch, compress, load_data, load_model
+    from autocompress.runner import compress_policy, example_batch
 
     config = load_config(args.config)
     policy = Policy.load(args.policy)
     out = Path(args.out)
     _check_out_file(out)
-    if policy.model and policy.model != config.model.name:
+    if policy.model and policy.model != config.model.name:  # before the plugins load, as it always was
         raise InputError(f"{args.policy}.model", f"policy was made for {policy.model!r}, config has {config.model.name!r}")
     plugins = load_plugins(block=list(config.plugins.get("block", [])) + args.block_plugin)
-    data = load_data(config)
-    model = load_model(config, data)
-    check_policy(policy, model, plugins.techniques, source=args.policy)
-    compressed = compress(model, policy, plugins.techniques, config, data, seed=config.search.seed)
+    data, model, compressed = compress_policy(config, policy, plugins, source=args.policy)
     save_compressed(out, compressed, policy, config.model.name, config.model.kwargs)
     print(f"wrote {out}")
     if not args.no_measure:

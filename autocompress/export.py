@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from autocompress.errors import AutocompressError, InputError
+from autocompress.evaluate import logits
 from autocompress.io import atomic_write
 
 if TYPE_CHECKING:
@@ -127,11 +128,11 @@ def export(source: str | Path, format: str, out: str | Path, config: str | Path 
     """Export a run's best model (``source`` a run directory) or the model a policy makes of a config's model
     (``source`` a policy YAML, ``config`` given) to ``format`` at ``out``, checked on the first ``check_images``
     images of the validation split. ``block``: plugins not to load, besides the config's ``plugins.block``."""
-    from autocompress.compose import check_policy, load_compressed
+    from autocompress.compose import load_compressed
     from autocompress.config import load_config
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
-    from autocompress.runner import compress, load_data, load_model
+    from autocompress.runner import compress_policy, load_data
 
     check_target(format, out)
     source = Path(source)
@@ -149,14 +150,8 @@ def export(source: str | Path, format: str, out: str | Path, config: str | Path 
             raise InputError("--config", f"needed with a policy file ({source}): the config names the model and data")
         run_config = load_config(config)
         policy = Policy.load(source)
-        if policy.model and policy.model != run_config.model.name:
-            raise InputError(f"{source}.model",
-                             f"policy was made for {policy.model!r}, config has {run_config.model.name!r}")
         plugins = plugins or load_plugins(block=[*run_config.plugins.get("block", ()), *block])
-        data = load_data(run_config)
-        base = load_model(run_config, data, log)
-        check_policy(policy, base, plugins.techniques, source=str(source))
-        model = compress(base, policy, plugins.techniques, run_config, data, seed=run_config.search.seed)
+        data, _, model = compress_policy(run_config, policy, plugins, source=str(source), log=log)
     val = data.val.head(check_images)
     calibration = data.train.images[: max(1, min(run_config.data.calibration_size, len(data.train)))]
     return export_model(model, format, out, val.images, labels=val.labels, calibration=calibration,
@@ -186,7 +181,7 @@ def export_model(model: nn.Module, format: str, out: str | Path, images: torch.T
         if format == "openvino":
             staged = _to_openvino(onnx_path, Path(stage) / "model.xml")
             run = _run_openvino
-        reference = _torch_outputs(model, images)
+        reference = logits(model, images, batch_size=256)
         exported = run(staged[0], images, threads)
         check = _compare(reference, exported, labels, int8=bool(plan.int8_layers))
         log(check.summary("ONNX Runtime" if format == "onnx" else "OpenVINO"))
@@ -330,12 +325,6 @@ def _to_openvino(onnx_path: Path, xml: Path) -> list[Path]:
 def _batches(images: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(images), size):
         yield images[start : start + size].contiguous()
-
-
-def _torch_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.inference_mode():
-        return torch.cat([model(batch).float() for batch in _batches(images, 256)])
 
 
 def _run_onnx(path: Path, images: torch.Tensor, threads: int) -> torch.Tensor:

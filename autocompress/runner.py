@@ -161,6 +161,22 @@ def compress(
         return apply_policy(model, policy, techniques, ctx)
 
 
+def compress_policy(
+    config: RunConfig, policy: Policy, plugins: Plugins, source: str = "policy", log: Log = print,
+) -> tuple[Dataset, nn.Module, nn.Module]:
+    """The config's data and model and the model ``policy`` makes of it, as ``autocompress apply`` and ``export``
+    build it. A policy made for another model, or a setting the model or the installed techniques cannot take, is an
+    :class:`InputError` naming ``source``, raised before anything is compressed."""
+    from autocompress.compose import check_policy
+
+    if policy.model and policy.model != config.model.name:
+        raise InputError(f"{source}.model", f"policy was made for {policy.model!r}, config has {config.model.name!r}")
+    data = load_data(config)
+    model = load_model(config, data, log)
+    check_policy(policy, model, plugins.techniques, source=source)
+    return data, model, compress(model, policy, plugins.techniques, config, data, seed=config.search.seed)
+
+
 def prepare(
     config: RunConfig,
     plugins: Plugins | None = None,
