@@ -276,8 +276,6 @@ def _apply(args: argparse.Namespace) -> int:
     policy = Policy.load(args.policy)
     out = Path(args.out)
     _check_out_file(out)
-    if policy.model and policy.model != config.model.name:  # before the plugins load, as it always was
-        raise InputError(f"{args.policy}.model", f"policy was made for {policy.model!r}, config has {config.model.name!r}")
     plugins = load_plugins(block=list(config.plugins.get("block", [])) + args.block_plugin)
     data, model, compressed = compress_policy(config, policy, plugins, source=args.policy)
     save_compressed(out, compressed, policy, config.model.name, config.model.kwargs)
