@@ -102,7 +102,8 @@ def predictor_for_run(
     """The predictor a search uses: the config's table (profiled now where entries are missing), checked against
     this machine as it is now, and calibrated to the uncompressed latency measured in this process.
 
-    The check (:func:`check_predictor`) times a few uniform policies against the uncompressed model; a table that
+    The check (:func:`check_predictor`) times a few uniform policies against the uncompressed model (twice when the
+    first time is off, and the better of the two counts: one check on a loaded machine read 25% off); a table that
     mis-predicts them (profiled on a machine in another state, or a plugin that changed its kernels without changing
     its version) is profiled again, and if it still does not match, the search runs without it. A failure to
     profile is reported and the search goes on measuring every candidate; a table file made for another target is an
@@ -119,6 +120,9 @@ def predictor_for_run(
         for attempt in ("cached", "profiled again"):
             predictor, _ = build_predictor(model, example, space, plugins, force=attempt != "cached", **kwargs)
             error, detail = check_predictor(predictor, model, example, space, techniques, t.threads, t.warmup)
+            if error > STALE_ERROR:  # a second look must agree: on AVX2 emulated bf16 alone varies by 10-20%
+                error, detail = min((error, detail), check_predictor(predictor, model, example, space, techniques,
+                                                                     t.threads, t.warmup))
             if error <= STALE_ERROR:
                 return predictor.calibrated(measured_base_ms)
             log(f"warning: the latency table ({attempt}) does not match this machine now: {detail}")
