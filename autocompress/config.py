@@ -54,6 +54,9 @@ class TargetConfig:
     # time each candidate in the same rounds as the uncompressed model and report baseline x their ratio, so load
     # that drifts during a run hits both alike (twice the timing work); false: the candidate's own median
     paired: bool = True
+    # where the model will run, and so where every candidate is timed (autocompress/runtime.py): torch (eager), or a
+    # registered runtime such as onnxruntime or openvino (pip install 'autocompress[onnx]' / '[openvino]')
+    runtime: str = "torch"
 
 
 @dataclass

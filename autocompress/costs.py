@@ -1,7 +1,8 @@
 """Costs of a realised model: measured latency and the bytes its weights take as stored.
 
 Latency is never derived from FLOPs or bit counts: the model runs on the target (thread count, batch size) after
-warm-up, several times, and the median is kept. Memory is the byte count of the state dict the model would be saved
+warm-up, several times, and the median is kept. What is timed is a torch module (run on the example in torch eager)
+or a prepared call (a :class:`~autocompress.runtime.Runtime`'s ``prepare``: the model in ONNX Runtime, OpenVINO). Memory is the byte count of the state dict the model would be saved
 with (packed low-bit weights count at their packed size).
 """
 
@@ -11,10 +12,21 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, Union
 
 import torch
 from torch import nn
+
+
+#: what the timing functions run: a module (called on the example) or a prepared zero-argument call
+Runnable = Union[nn.Module, Callable[[], Any]]
+
+
+def _call(model: Runnable, example: torch.Tensor) -> Callable[[], Any]:
+    if isinstance(model, nn.Module):
+        model.eval()
+        return lambda: model(example)
+    return model
 
 
 @dataclass(frozen=True)
@@ -45,27 +57,28 @@ def num_threads(threads: int | None) -> Iterator[None]:
 
 
 def measure_latency(
-    model: nn.Module,
+    model: Runnable,
     example: torch.Tensor,
     threads: int | None = None,
     warmup: int = 3,
     repeats: int = 10,
 ) -> Latency:
-    """Median wall time of ``model(example)`` in milliseconds, after ``warmup`` untimed runs."""
-    model.eval()
+    """Median wall time of ``model(example)`` (or of the prepared call) in milliseconds, after ``warmup`` untimed
+    runs."""
+    run = _call(model, example)
     samples = []
     with num_threads(threads), torch.inference_mode():
         for _ in range(warmup):
-            model(example)
+            run()
         for _ in range(repeats):
             start = time.perf_counter()
-            model(example)
+            run()
             samples.append((time.perf_counter() - start) * 1000.0)
     return Latency(statistics.median(samples), tuple(samples))
 
 
 def paired_ratio(
-    reference: nn.Module, candidate: nn.Module, example: torch.Tensor, threads: int | None = None,
+    reference: Runnable, candidate: Runnable, example: torch.Tensor, threads: int | None = None,
     warmup: int = 3, repeats: int = 10,
 ) -> Latency:
     """``candidate``'s time as a ratio to ``reference``'s, timed in the same rounds: each round runs both, in turns
@@ -76,36 +89,37 @@ def paired_ratio(
     ``samples_ms`` holds the per-round ratios (not milliseconds).
     """
     ratios = []
+    reference, candidate = _call(reference, example), _call(candidate, example)
     with num_threads(threads), torch.inference_mode():
-        for model in (reference, candidate):
-            model.eval()
+        for run in (reference, candidate):
             for _ in range(warmup):
-                model(example)
+                run()
         for i in range(repeats):
             times = {}
-            for name, model in ((("ref", reference), ("cand", candidate)) if i % 2 == 0 else
-                                (("cand", candidate), ("ref", reference))):
+            for name, run in ((("ref", reference), ("cand", candidate)) if i % 2 == 0 else
+                              (("cand", candidate), ("ref", reference))):
                 start = time.perf_counter()
-                model(example)
+                run()
                 times[name] = time.perf_counter() - start
             ratios.append(times["cand"] / times["ref"])
     return Latency(statistics.median(ratios), tuple(ratios))
 
 
 def compare_latency(
-    models: dict[str, nn.Module], example: torch.Tensor, threads: int | None = None, warmup: int = 3, repeats: int = 10
+    models: dict[str, Runnable], example: torch.Tensor, threads: int | None = None, warmup: int = 3, repeats: int = 10
 ) -> dict[str, Latency]:
-    """Measure several models interleaved (A B A B ...) so drifting machine load hits them alike."""
+    """Measure several models (or prepared calls) interleaved (A B A B ...) so drifting machine load hits them
+    alike."""
     samples: dict[str, list[float]] = {name: [] for name in models}
+    runs = {name: _call(model, example) for name, model in models.items()}
     with num_threads(threads), torch.inference_mode():
-        for model in models.values():
-            model.eval()
+        for run in runs.values():
             for _ in range(warmup):
-                model(example)
+                run()
         for _ in range(repeats):
-            for name, model in models.items():
+            for name, run in runs.items():
                 start = time.perf_counter()
-                model(example)
+                run()
                 samples[name].append((time.perf_counter() - start) * 1000.0)
     return {name: Latency(statistics.median(s), tuple(s)) for name, s in samples.items()}
 

@@ -170,12 +170,10 @@ def export_model(model: nn.Module, format: str, out: str | Path, images: torch.T
 
     out = check_target(format, out)
     threads = threads or torch.get_num_threads()
-    prepared, plan = prepare_for_export(model, format, plugins or load_plugins())
     with tempfile.TemporaryDirectory(prefix="autocompress-export-") as stage:
         onnx_path = Path(stage) / "model.onnx"
-        _to_onnx(prepared, images[:2], onnx_path)
-        if plan.int8_layers:
-            _quantize_int8(onnx_path, prepared, plan.int8_layers, images if calibration is None else calibration)
+        plan = build_onnx(model, format, plugins or load_plugins(), images[:2],
+                          images if calibration is None else calibration, onnx_path)
         staged = [onnx_path]
         run = _run_onnx
         if format == "openvino":
@@ -231,6 +229,18 @@ def prepare_for_export(model: nn.Module, target: str, plugins: "Plugins") -> tup
         if not isinstance(modules.get(layer), nn.Linear):
             raise AutocompressError(f"{layer}: declared int8 for export but is not a Linear of the prepared model")
     return prepared, plan
+
+
+def build_onnx(model: nn.Module, target: str, plugins: "Plugins", example: torch.Tensor,
+               calibration: torch.Tensor, path: Path) -> ExportPlan:
+    """Write ``model`` (left untouched) as the ONNX file ``path`` for ``target`` (``"onnx"`` or ``"openvino"``):
+    prepared by every plugin, traced on ``example``, its declared int8 layers in QDQ with activation scales from
+    ``calibration``. What ``export_model`` publishes and what the ONNX Runtime and OpenVINO runtimes time."""
+    prepared, plan = prepare_for_export(model, target, plugins)
+    _to_onnx(prepared, example, path)
+    if plan.int8_layers:
+        _quantize_int8(path, prepared, plan.int8_layers, calibration)
+    return plan
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:

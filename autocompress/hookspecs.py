@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from autocompress.export import ExportPlan
+    from autocompress.runtime import Runtime
     from autocompress.technique import Technique
 
 PROJECT = "autocompress"
@@ -32,6 +33,18 @@ def autocompress_register_techniques(register: Callable[["Technique"], None]) ->
 
     A technique is an instance of :class:`autocompress.technique.Technique`. Names must be unique across all
     plugins; registering a name twice raises an error naming both plugins.
+    """
+
+
+@hookspec
+def autocompress_register_runtimes(register: Callable[["Runtime"], None]) -> None:
+    """Register runtimes (where a model runs and is timed) by calling ``register(runtime)`` once per runtime.
+
+    A runtime is an instance of :class:`autocompress.runtime.Runtime`: a ``name`` (what ``target.runtime`` in a
+    config says), the modules it needs (a missing one is a one-line error when the runtime is asked for) and
+    ``prepare(model, example, threads, plugins)``, which returns a callable running one forward pass of ``example``
+    in the runtime. A search then times every candidate through it, paired with the uncompressed model prepared the
+    same way. ``torch`` (eager) is the core's; names must be unique across all plugins.
     """
 
 

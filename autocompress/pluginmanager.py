@@ -30,6 +30,7 @@ from typing import Iterable
 import pluggy
 
 from autocompress import hookspecs
+from autocompress.runtime import TORCH, Runtime
 from autocompress.technique import Stage, Technique
 
 ENTRY_POINT_GROUP = "autocompress"
@@ -39,7 +40,8 @@ BUILTIN_DISTRIBUTIONS = frozenset({"autocompress"})
 HOOK_PREFIX = "autocompress_"
 IN_CODE = "(registered in code)"
 #: hooks whose failure must stop the caller (not notifications): called through their own per-plugin guard
-CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_prepare_export"})
+CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_register_runtimes",
+                                "autocompress_prepare_export"})
 
 
 class PluginWarning(UserWarning):
@@ -54,6 +56,7 @@ class PluginInfo:
     techniques: tuple[str, ...] = ()
     error: str | None = None  # why it failed to load, if it did (one line)
     skipped: str | None = None  # why it was not loaded on purpose: "blocked", "autoload disabled"
+    runtimes: tuple[str, ...] = ()  # the runtimes it registered
 
     @property
     def status(self) -> str:
@@ -70,6 +73,9 @@ class Plugins:
     techniques: dict[str, Technique] = field(default_factory=dict)
     info: list[PluginInfo] = field(default_factory=list)
     owners: dict[str, str] = field(default_factory=dict)  # technique name -> plugin name
+    #: where models run and are timed (autocompress/runtime.py): torch eager is the core's, others come from plugins
+    runtimes: dict[str, Runtime] = field(default_factory=lambda: {TORCH.name: TORCH})
+    runtime_owners: dict[str, str] = field(default_factory=lambda: {TORCH.name: "autocompress"})
     hook_errors: list[str] = field(default_factory=list)  # "plugin 'x' failed in autocompress_...: ..."
 
     @property
@@ -161,13 +167,22 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra:
 
     registry = Plugins(manager=pm)
     impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_techniques.get_hookimpls()}
+    runtime_impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_runtimes.get_hookimpls()}
     for name, dist, version, _plugin, error, skipped in infos:
         registered: list[str] = []
+        runtimes: list[str] = []
         if error is None and skipped is None and name in impls:
             error = _register_techniques(impls[name], registry, registered)
-            if error is not None:  # half a plugin is worse than none: its other hooks go too
+        if error is None and skipped is None and name in runtime_impls:
+            error = _register_runtimes(runtime_impls[name], registry, runtimes)
+        if error is not None and skipped is None and (name in impls or name in runtime_impls):
+            for tech in registered:  # half a plugin is worse than none: its other hooks go too
+                registry.techniques.pop(tech, None)
+                registry.owners.pop(tech, None)
+            registered.clear()
+            if pm.get_plugin(name) is not None:
                 pm.unregister(name=name)
-        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error, skipped))
+        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error, skipped, tuple(runtimes)))
     _isolate_notifications(pm, registry)
     return registry
 
@@ -234,6 +249,32 @@ def _register_techniques(impl: pluggy.HookImpl, registry: Plugins, registered: l
         for tech in registered:
             registry.techniques.pop(tech, None)
             registry.owners.pop(tech, None)
+        registered.clear()
+        return f"failed to register: {_one_line(exc)}"
+    return None
+
+
+def _register_runtimes(impl: pluggy.HookImpl, registry: Plugins, registered: list[str]) -> str | None:
+    """Call one plugin's runtime registration hook; a failure is that plugin's alone (its runtimes are dropped)."""
+
+    def register(runtime: Runtime) -> None:
+        if not isinstance(runtime, Runtime):
+            raise TypeError(f"register() takes an autocompress.runtime.Runtime, got {type(runtime).__name__}")
+        if not runtime.name:
+            raise ValueError(f"runtime {type(runtime).__name__} has no name")
+        if runtime.name in registry.runtimes:
+            owner = registry.runtime_owners[runtime.name]
+            raise ValueError(f"runtime {runtime.name!r} is already registered by {owner!r}")
+        registry.runtimes[runtime.name] = runtime
+        registry.runtime_owners[runtime.name] = impl.plugin_name
+        registered.append(runtime.name)
+
+    try:
+        impl.function(**{arg: register for arg in impl.argnames})
+    except Exception as exc:
+        for name in registered:
+            registry.runtimes.pop(name, None)
+            registry.runtime_owners.pop(name, None)
         registered.clear()
         return f"failed to register: {_one_line(exc)}"
     return None

@@ -27,7 +27,8 @@ from autocompress.models import create_model, load_checkpoint
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
 from autocompress.record import TrialRecord
-from autocompress.screening import measure_slow_choices, without_choices
+from autocompress.runtime import TORCH, Runtime, check_runtime
+from autocompress.screening import measure_slow_choices, unsupported_choices, without_choices
 from autocompress.space import ResolvedSpace, SearchSpace
 from autocompress.technique import ApplyContext, Stage, TrialStopped  # TrialStopped: re-exported
 from autocompress.timelimit import TrialTimeout, time_limit
@@ -48,10 +49,16 @@ class Baseline:
     #: (see screening.py): part of the baseline, so a resumed run and every worker search the same space
     slow_choices: dict[str, float] = field(default_factory=dict)
     metric: str = "accuracy"  # what val_accuracy (and test_accuracy) hold: the search's metric, by name
+    runtime: str = "torch"  # where latency_ms was measured (target.runtime)
+    #: choices the runtime cannot run (no kernel or export path there), left out of the search whatever the budget
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy,
-                "slow_choices": dict(self.slow_choices), "metric": self.metric}
+        out = {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy,
+               "slow_choices": dict(self.slow_choices), "metric": self.metric}
+        if self.runtime != TORCH.name or self.unsupported:
+            out.update(runtime=self.runtime, unsupported=dict(self.unsupported))
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Baseline":
@@ -60,7 +67,8 @@ class Baseline:
         slow = data.get("slow_choices") or {}
         return cls(*(float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")),
                    slow_choices={str(k): float(v) for k, v in dict(slow).items()},
-                   metric=str(data.get("metric") or "accuracy"))
+                   metric=str(data.get("metric") or "accuracy"), runtime=str(data.get("runtime") or TORCH.name),
+                   unsupported={str(k): str(v) for k, v in dict(data.get("unsupported") or {}).items()})
 
 
 @dataclass
@@ -81,6 +89,8 @@ class RunContext:
     seeds: list[Any] = field(default_factory=list)  # the solver's first trials (autocompress.seeding.Seed)
     solver: Any = None  # autocompress.seeding.Solver: solves again once the seeds are measured (second wave)
     phases: dict[str, float] = field(default_factory=dict)  # what the run did before and after its trials, in s
+    runtime: Runtime = TORCH  # where candidates are timed (target.runtime)
+    _reference: Any = field(default=None, repr=False)  # the uncompressed model prepared in the runtime, once
 
     @property
     def limit(self) -> float:
@@ -114,10 +124,37 @@ class RunContext:
         """The candidate's latency in ms: with ``target.paired`` (default), the baseline latency times the
         candidate's time ratio to the uncompressed model timed in the same rounds (:func:`paired_ratio`)."""
         t = self.config.target
+        candidate = self.prepared(model)
         if t.paired:
-            ratio = paired_ratio(self.model, model, self.example, t.threads, t.warmup, t.repeats).median_ms
+            if self._reference is None:
+                self._reference = self.prepared(self.model)
+            ratio = paired_ratio(self._reference, candidate, self.example, t.threads, t.warmup, t.repeats).median_ms
             return self.baseline.latency_ms * ratio
-        return measure_latency(model, self.example, t.threads, t.warmup, t.repeats).median_ms
+        return measure_latency(candidate, self.example, t.threads, t.warmup, t.repeats).median_ms
+
+    def retime(self, model: nn.Module) -> dict[str, float]:
+        """At the end of a search in a runtime other than torch: ``model`` timed again in the target runtime
+        (``latency_ms_final``, twice the repeats of a trial), and in torch eager (``latency_ms_torch``: its ratio to
+        the uncompressed model there times the uncompressed model's torch time, measured once), so a Pareto member's
+        two latencies stand side by side."""
+        t = self.config.target
+        if self._reference is None:
+            self._reference = self.prepared(self.model)
+        final = paired_ratio(self._reference, self.prepared(model), self.example, t.threads, t.warmup,
+                             2 * t.repeats).median_ms * self.baseline.latency_ms
+        if "torch_base_ms" not in self.cache:
+            self.cache["torch_base_ms"] = min(measure_latency(self.model, self.example, t.threads, t.warmup,
+                                                              t.repeats).median_ms for _ in range(3))
+        eager = paired_ratio(self.model, model, self.example, t.threads, t.warmup, t.repeats).median_ms
+        return {"latency_ms_final": final, "latency_ms_torch": eager * self.cache["torch_base_ms"]}
+
+    def prepared(self, model: nn.Module, runtime: Runtime | None = None):
+        """``model`` ready to be timed in the target's runtime (or ``runtime``): a module for torch eager, else the
+        runtime's prepared call (an :class:`InputError` naming a layer the runtime cannot run)."""
+        runtime = runtime or self.runtime
+        if runtime is TORCH:
+            return model
+        return runtime.prepare(model, self.example, self.config.target.threads, self.plugins)
 
     def compress(self, policy: Policy, seed: int = 0, report=None) -> nn.Module:
         return compress(self.model, policy, self.techniques, self.config, self.data, seed, self.cache, report,
@@ -218,32 +255,49 @@ def prepare(
         raise InputError("model", f"the model cannot run on this data's images {tuple(example.shape[1:])} ({exc})") from None
     if out.shape[-1] < int(data.train.labels.max()) + 1:
         raise InputError("model.kwargs.num_classes", f"model has {out.shape[-1]} outputs, data has {len(data.classes)} classes")
+    runtime = check_runtime(plugins, config.target.runtime, f"{config.source}.target.runtime")
     phases: dict[str, float] = {}
     started = time.perf_counter()
     if baseline is None:
-        log("measuring the uncompressed baseline ...")
         t = config.target
+        log("measuring the uncompressed baseline ..." if runtime is TORCH else
+            f"measuring the uncompressed baseline in {runtime.label or runtime.name} ...")
+        reference = model if runtime is TORCH else runtime.prepare(model, example, t.threads, plugins)
         base = Baseline(
             # the lowest of three medians: every relative budget hangs on this number, and a burst of load from
             # another process during one measurement made a demo's limit 8x too generous
-            latency_ms=min(measure_latency(model, example, t.threads, t.warmup, t.repeats).median_ms for _ in range(3)),
+            latency_ms=min(measure_latency(reference, example, t.threads, t.warmup, t.repeats).median_ms
+                           for _ in range(3)),
             memory_mb=memory_mb(model),
             val_accuracy=metric(model, data.val),
             metric=metric.name,
+            runtime=runtime.name,
         )
+        del reference
         phases["baseline"] = time.perf_counter() - started
+        if runtime is not TORCH:
+            started = time.perf_counter()
+            base.unsupported = unsupported_choices(model, resolved, plugins.techniques, example, runtime, plugins,
+                                                   t.threads)
+            phases["runtime check"] = time.perf_counter() - started
         if "latency_ms" in budget.metrics and not config.search.keep_slow_choices:
             log("timing each choice against the uncompressed model ...")
             started = time.perf_counter()
-            base.slow_choices = measure_slow_choices(model, resolved, plugins.techniques, example, config.target)
+            base.slow_choices = measure_slow_choices(model, without_choices(resolved, base.unsupported),
+                                                     plugins.techniques, example, config.target, runtime=runtime,
+                                                     plugins=plugins)
             phases["screening"] = time.perf_counter() - started
     else:
         base = Baseline.from_dict(baseline)
+    for label, why in base.unsupported.items():
+        log(f"{label}: {runtime.name} cannot run it ({why}): left out of the search")
+    resolved = without_choices(resolved, base.unsupported)
     if base.slow_choices:
         cpu = cpu_info().label
         for label, ratio in base.slow_choices.items():
-            log(f"{label}: {ratio:.1f}x the uncompressed model's time on this CPU ({cpu}): left out of the search "
-                "(search.keep_slow_choices: true keeps it)")
+            where = "" if runtime is TORCH else f" in {runtime.name}"
+            log(f"{label}: {ratio:.1f}x the uncompressed model's time{where} on this CPU ({cpu}): left out of the "
+                "search (search.keep_slow_choices: true keeps it)")
         resolved = without_choices(resolved, base.slow_choices)
     predictor = None
     if latency_model is None:
@@ -255,8 +309,13 @@ def prepare(
         started = time.perf_counter()
         predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
         phases["profile"] = time.perf_counter() - started
+        if predictor is not None and runtime is not TORCH:
+            log(f"latency table: torch eager's per-layer times, scaled to the uncompressed model's time in "
+                f"{runtime.name} ({base.latency_ms:.1f} ms); it picks the solver's first policies, every candidate is "
+                f"timed in {runtime.name} and the later solver waves are corrected by those measurements")
     return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
-                      data_from_config=data_from_config, latency_model=predictor, phases=phases, metric=metric)
+                      data_from_config=data_from_config, latency_model=predictor, phases=phases, metric=metric,
+                      runtime=runtime)
 
 
 def config_budget(config: RunConfig) -> Budget:
@@ -358,7 +417,9 @@ def _evaluate_params(
         record.simulated = " ".join(simulated_layers(policy, run.techniques))
         stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
         record.predicted_latency_ms = predicted = run.predict_latency(policy)
-        if "latency_ms" in limits and predicted > limits["latency_ms"] * run.config.search.latency_model_margin:
+        # the table is torch eager's: in another runtime its prediction guides the solver, but never skips a trial
+        if ("latency_ms" in limits and run.runtime is TORCH
+                and predicted > limits["latency_ms"] * run.config.search.latency_model_margin):
             record.skipped = "predicted latency over budget"  # clearly over: neither compressed nor measured
         elif "memory_mb" in limits or Stage.RECOVERY in stages:
             with torch.random.fork_rng():

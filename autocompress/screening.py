@@ -9,8 +9,12 @@ run, when the budget is latency: under a memory budget a slow format may still b
 measured several times slower after one round needs no more rounds. Recovery techniques (training) are not timed:
 they change weights, not the structure that runs.
 
-The outcome is part of the run's baseline (``Baseline.slow_choices``), so a resumed run and every worker of a shared
-study search the same space, without timing again.
+Under a runtime other than torch (``target.runtime``), a choice the runtime cannot run at all (a format with no
+kernel or export path there) is left out first, whatever the budget (:func:`unsupported_choices`), and the others are
+timed in that runtime.
+
+The outcome is part of the run's baseline (``Baseline.slow_choices``, ``Baseline.unsupported``), so a resumed run
+and every worker of a shared study search the same space, without timing again.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from torch import nn
 from autocompress.compose import apply_policy
 from autocompress.config import TargetConfig
 from autocompress.costs import paired_ratio
+from autocompress.errors import InputError
+from autocompress.runtime import TORCH, Runtime
 from autocompress.space import ResolvedSpace
 from autocompress.technique import ApplyContext, Stage, Technique
 
-__all__ = ["SLOWER", "choice_label", "measure_slow_choices", "without_choices"]
+__all__ = ["SLOWER", "choice_label", "measure_slow_choices", "unsupported_choices", "without_choices"]
 
 #: a choice whose model runs at least this many times the uncompressed model's time is useless for latency
 SLOWER = 1.1
@@ -44,28 +50,52 @@ def choice_label(technique: str, knob: str, value: Any) -> str:
 
 def measure_slow_choices(
     model: nn.Module, space: ResolvedSpace, techniques: Mapping[str, Technique], example: torch.Tensor,
-    target: TargetConfig, log: Callable[[str], None] = print,
+    target: TargetConfig, log: Callable[[str], None] = print, runtime: Runtime = TORCH, plugins: Any = None,
 ) -> dict[str, float]:
-    """``{choice label: measured time ratio}`` of every choice at least :data:`SLOWER` x the uncompressed model."""
+    """``{choice label: measured time ratio}`` of every choice at least :data:`SLOWER` x the uncompressed model,
+    both run in ``runtime`` (``plugins``: what a runtime other than torch prepares the models with)."""
     slow: dict[str, float] = {}
     reference = _structure(model)
+    base = runtime.prepare(model, example, target.threads, plugins)
     for (tech, knob), values in _choices(space, techniques).items():
         for value in values:
             policy = space.policy(space.uniform(tech, knob, value))
-            candidate = apply_policy(model, policy, techniques, ApplyContext(structure_only=True))
-            if _structure(candidate) == reference:
+            realised = apply_policy(model, policy, techniques, ApplyContext(structure_only=True))
+            if _structure(realised) == reference:
                 continue  # runs exactly what the uncompressed model runs (an option such as a pruning criterion)
-            ratio = paired_ratio(model, candidate, example, target.threads, warmup=1, repeats=1).median_ms
+            candidate = runtime.prepare(realised, example, target.threads, plugins)
+            ratio = paired_ratio(base, candidate, example, target.threads, warmup=1, repeats=1).median_ms
             if ratio < CLEARLY_SLOWER:
-                ratio = paired_ratio(model, candidate, example, target.threads, warmup=0,
+                ratio = paired_ratio(base, candidate, example, target.threads, warmup=0,
                                      repeats=max(3, target.repeats)).median_ms
                 if SLOWER <= ratio < CONFIRM_BELOW:  # near the line: slower only if a second look agrees
-                    ratio = min(ratio, paired_ratio(model, candidate, example, target.threads, warmup=0,
+                    ratio = min(ratio, paired_ratio(base, candidate, example, target.threads, warmup=0,
                                                     repeats=max(3, target.repeats)).median_ms)
             if ratio >= SLOWER:
                 slow[choice_label(tech, knob, value)] = round(float(ratio), 3)
-            del candidate
+            del candidate, realised
     return slow
+
+
+def unsupported_choices(
+    model: nn.Module, space: ResolvedSpace, techniques: Mapping[str, Technique], example: torch.Tensor,
+    runtime: Runtime, plugins: Any, threads: int,
+) -> dict[str, str]:
+    """``{choice label: why}`` of every choice ``runtime`` refuses to run (applied on every layer that offers it)."""
+    out: dict[str, str] = {}
+    reference = _structure(model)
+    for (tech, knob), values in _choices(space, techniques).items():
+        for value in values:
+            realised = apply_policy(model, space.policy(space.uniform(tech, knob, value)), techniques,
+                                    ApplyContext(structure_only=True))
+            if _structure(realised) == reference:
+                continue
+            try:
+                runtime.prepare(realised, example[:2], threads, plugins)
+            except InputError as exc:
+                out[choice_label(tech, knob, value)] = f"{exc.field}: {exc.message}"
+            del realised
+    return out
 
 
 def without_choices(space: ResolvedSpace, slow: Mapping[str, float]) -> ResolvedSpace:

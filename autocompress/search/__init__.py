@@ -31,6 +31,7 @@ from autocompress.results import (
     SearchResult, closest_to_budget, params_of, pareto_front, summary_table, timing_drift, trials_frame,
 )
 from autocompress.runner import Baseline, RunContext, prepare
+from autocompress.runtime import TORCH
 from autocompress.technique import Stage, TechniqueSettings
 
 __all__ = ["search", "BACKENDS", "finish_run"]
@@ -178,7 +179,8 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
     best_policy = None
     best_model = None
     if not front.empty:
-        tests, vals, finals = [], [], []
+        tests, vals, finals, timings = [], [], [], []
+        retime = getattr(run, "runtime", TORCH) is not TORCH  # the front re-timed in the target runtime
         started = time.perf_counter()
         for i, row in front.iterrows():
             if i >= PARETO_TEST_ROWS:
@@ -196,8 +198,14 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
             # honest evaluation: with a final recovery, the test split scores only what it produced
             tests.append(score(model, run.data.test) if not steps or i < run.config.search.finalize_top
                          else math.nan)
+            if retime:
+                timings.append(run.retime(model))
             if i == 0:
                 best_policy, best_model = policy, model
+        if retime:  # the rows past PARETO_TEST_ROWS were not rebuilt: not re-timed either
+            front["runtime"] = run.runtime.name
+            for column in ("latency_ms_final", "latency_ms_torch"):
+                front[column] = [t[column] for t in timings] + [math.nan] * (len(front) - len(timings))
         if steps:
             phases["finalize"] = time.perf_counter() - started
         front["test_accuracy"] = tests

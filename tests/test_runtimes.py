@@ -1,0 +1,187 @@
+"""Runtimes as plugins: a search times every candidate in the config's ``target.runtime``, paired with the
+uncompressed model prepared the same way; choices the runtime cannot run are left out; the Pareto front is re-timed
+there at the end with each member's torch-eager time beside it.
+
+The mechanism is tested with a runtime of the test's own, made slow on purpose for one kind of model, so the outcome
+does not depend on the CPU; ONNX Runtime and OpenVINO are tested on what they run and on a tiny search each."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import autocompress
+from autocompress.compose import apply_policy
+from autocompress.config import config_from_dict
+from autocompress.errors import InputError
+from autocompress.pluginmanager import load_plugins
+from autocompress.policy import Policy
+from autocompress.runtime import TORCH, Runtime, check_runtime
+from autocompress.screening import unsupported_choices
+from autocompress.technique import ApplyContext
+
+from conftest import make_tiny_vit
+
+
+class SlowInt8(Runtime):
+    """torch eager, but a model with any quantized Linear sleeps 30 ms per call (several times the tiny model's
+    time), and every prepared model is counted."""
+
+    name = "slow-int8"
+    label = "torch, int8 made slow"
+
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    def prepare(self, model, example, threads, plugins):
+        self.prepared += 1
+        quantized = any(type(m).__name__ == "DynamicInt8Linear" for m in model.modules())
+        model.eval()
+
+        def run():
+            if quantized:
+                time.sleep(0.03)
+            return model(example)
+
+        return run
+
+
+PLUGIN = "slow-int8-runtime-plugin"
+
+
+class RuntimePlugin:
+    """A third-party plugin defined in code, registering one runtime through the hook."""
+
+    __name__ = PLUGIN
+
+    def __init__(self, *runtimes: Runtime) -> None:
+        self.runtimes = runtimes
+
+    def autocompress_register_runtimes(self, register):
+        for runtime in self.runtimes:
+            register(runtime)
+
+
+def _int8_space(tmp_path) -> str:
+    space = {"techniques": {
+        "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.mlp\\.fc\\d", "format": ["fp32", "int8_dynamic"]}]},
+        "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5]}]},
+    }}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+def test_hook_autocompress_register_runtimes(tiny_config, tmp_path):
+    """A runtime from outside the package times the search: the baseline, the screening and every measured trial
+    go through its prepare, and what it makes slow is left out of the search as slow *in that runtime*."""
+    runtime = SlowInt8()
+    plugins = load_plugins(extra=[RuntimePlugin(runtime)])
+    assert plugins.runtimes["slow-int8"] is runtime and plugins.runtime_owners["slow-int8"] == PLUGIN
+    assert "slow-int8" in next(p for p in plugins.info if p.name == PLUGIN).runtimes
+    config = {**tiny_config, "space": _int8_space(tmp_path), "target": {**tiny_config["target"], "runtime": "slow-int8"}}
+    logs: list[str] = []
+    result = autocompress.search(config_from_dict(config), plugins=plugins, progress=False, log=logs.append)
+    base = yaml.safe_load((tmp_path / "run" / "baseline.yaml").read_text())
+    assert base["runtime"] == "slow-int8"
+    assert "quantization.format=int8_dynamic" in base["slow_choices"], base
+    assert any("quantization.format=int8_dynamic" in line and "in slow-int8" in line and "left out" in line
+               for line in logs), logs
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert "blocks.0.mlp.fc1:quantization.format" not in trials.columns or \
+        set(trials["blocks.0.mlp.fc1:quantization.format"].dropna()) <= {"fp32"}
+    measured = int(trials["latency_ms"].notna().sum())
+    # baseline (reference + 3 medians share one prepare) + screening (reference + pruning) + every measured trial
+    assert runtime.prepared >= 1 + 2 + measured, (runtime.prepared, measured)
+    assert not result.pareto.empty
+    assert set(result.pareto["runtime"]) == {"slow-int8"}
+    assert result.pareto["latency_ms_final"].notna().all() and result.pareto["latency_ms_torch"].notna().all()
+
+
+def test_a_runtime_name_taken_twice_fails_that_plugin_alone():
+    class Again(SlowInt8):
+        name = "torch"
+
+    plugins = load_plugins(extra=[RuntimePlugin(Again())])
+    info = next(p for p in plugins.info if p.name == PLUGIN)
+    assert info.error and "already registered by 'autocompress'" in info.error, info
+    assert plugins.runtimes["torch"] is TORCH
+
+
+def test_unknown_or_missing_runtime_is_one_line_naming_the_field(plugins):
+    with pytest.raises(InputError) as err:
+        check_runtime(plugins, "tensorrt")
+    assert err.value.field == "target.runtime" and "unknown runtime 'tensorrt'" in str(err.value)
+    assert "onnxruntime" in str(err.value) and "torch" in str(err.value)
+
+    class Absent(Runtime):
+        name = "absent"
+        modules = ("no_such_module_for_autocompress",)
+        extra = "absent"
+
+    with pytest.raises(InputError) as err:
+        check_runtime(load_plugins(extra=[RuntimePlugin(Absent())]), "absent")
+    assert "pip install 'autocompress[absent]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_asking_for_an_unknown_runtime_stops_before_any_trial(tiny_config, tmp_path):
+    config = {**tiny_config, "target": {**tiny_config["target"], "runtime": "nope"}}
+    with pytest.raises(InputError) as err:
+        autocompress.search(config_from_dict(config), progress=False, log=lambda s: None)
+    assert err.value.field.endswith("target.runtime")
+    assert not (tmp_path / "run" / "trials.csv").exists()
+
+
+# --- the builtin runtimes -----------------------------------------------------------------------------------------
+
+needs_both = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "openvino")),
+    reason="needs autocompress[onnx,openvino]")
+
+
+@needs_both
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_builtin_runtime_runs_the_model_as_torch_does_and_refuses_bf16(name, plugins, fmnist):
+    runtime = check_runtime(plugins, name)
+    torch.manual_seed(0)
+    model = make_tiny_vit().eval()
+    example = fmnist.val.images[:16]
+    out = runtime.prepare(model, example, 1, plugins)()
+    with torch.inference_mode():
+        ref = model(example)
+    got = torch.as_tensor(out[0] if isinstance(out, (list, tuple)) else next(iter(out.values())))
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max())), name
+
+    int8 = apply_policy(model, Policy.from_params({"blocks.0.mlp.fc1:quantization.format": "int8_dynamic"}),
+                        plugins.techniques, ApplyContext(structure_only=True))
+    runtime.prepare(int8, example, 1, plugins)()  # runs (QDQ int8)
+
+    space = autocompress.SearchSpace.load("vit").resolve(model, plugins.techniques)
+    refused = unsupported_choices(model, space, plugins.techniques, example, runtime, plugins, 1)
+    assert "quantization.format=bf16" in refused and "bf16" in refused["quantization.format=bf16"], refused
+    assert "quantization.format=int8_dynamic" not in refused
+
+
+@needs_both
+@pytest.mark.slow
+@pytest.mark.parametrize("name,strategy", [("onnxruntime", "sample"), ("openvino", "solve")])
+def test_a_search_in_a_builtin_runtime_runs_end_to_end(name, strategy, tiny_config, tmp_path):
+    search = {**tiny_config["search"], "trials": 3, "strategy": strategy, "solver_waves": 0, "finalize_steps": 0}
+    config = {**tiny_config, "search": search, "target": {**tiny_config["target"], "threads": 1, "runtime": name}}
+    logs: list[str] = []
+    result = autocompress.search(config_from_dict(config), progress=False, log=logs.append)
+    base = yaml.safe_load((tmp_path / "run" / "baseline.yaml").read_text())
+    assert base["runtime"] == name and "quantization.format=bf16" in base["unsupported"]
+    assert any("quantization.format=bf16" in line and f"{name} cannot run it" in line for line in logs), logs
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert len(trials) == 3 and trials["latency_ms"].notna().any()
+    assert not trials.isin(["bf16"]).any().any()  # never drawn (int8 may be left out too: slower there)
+    if not result.pareto.empty:
+        pareto = pd.read_csv(tmp_path / "run" / "pareto.csv")
+        assert set(pareto["runtime"]) == {name} and pareto["latency_ms_torch"].notna().any()
+    assert any(f"latency measured in {name}" in line for line in logs), logs
