@@ -307,12 +307,9 @@ def prepare(
 
         # the solver costs every option from the table: profiled first (or reused from the cache)
         started = time.perf_counter()
-        predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log)
+        predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log,
+                                      runtime=runtime)
         phases["profile"] = time.perf_counter() - started
-        if predictor is not None and runtime is not TORCH:
-            log(f"latency table: torch eager's per-layer times, scaled to the uncompressed model's time in "
-                f"{runtime.name} ({base.latency_ms:.1f} ms); it picks the solver's first policies, every candidate is "
-                f"timed in {runtime.name} and the later solver waves are corrected by those measurements")
     return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
                       data_from_config=data_from_config, latency_model=predictor, phases=phases, metric=metric,
                       runtime=runtime)
@@ -417,9 +414,7 @@ def _evaluate_params(
         record.simulated = " ".join(simulated_layers(policy, run.techniques))
         stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
         record.predicted_latency_ms = predicted = run.predict_latency(policy)
-        # the table is torch eager's: in another runtime its prediction guides the solver, but never skips a trial
-        if ("latency_ms" in limits and run.runtime is TORCH
-                and predicted > limits["latency_ms"] * run.config.search.latency_model_margin):
+        if "latency_ms" in limits and predicted > limits["latency_ms"] * run.config.search.latency_model_margin:
             record.skipped = "predicted latency over budget"  # clearly over: neither compressed nor measured
         elif "memory_mb" in limits or Stage.RECOVERY in stages:
             with torch.random.fork_rng():

@@ -8,6 +8,7 @@ does not depend on the CPU; ONNX Runtime and OpenVINO are tested on what they ru
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 
 import pandas as pd
@@ -67,9 +68,9 @@ class RuntimePlugin:
             register(runtime)
 
 
-def _int8_space(tmp_path) -> str:
+def _int8_space(tmp_path, formats=("fp32", "int8_dynamic")) -> str:
     space = {"techniques": {
-        "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.mlp\\.fc\\d", "format": ["fp32", "int8_dynamic"]}]},
+        "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.mlp\\.fc\\d", "format": list(formats)}]},
         "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5]}]},
     }}
     path = tmp_path / "space.yaml"
@@ -101,6 +102,52 @@ def test_hook_autocompress_register_runtimes(tiny_config, tmp_path):
     assert not result.pareto.empty
     assert set(result.pareto["runtime"]) == {"slow-int8"}
     assert result.pareto["latency_ms_final"].notna().all() and result.pareto["latency_ms_torch"].notna().all()
+
+
+class SleepPerInt8(Runtime):
+    """torch eager plus 4 ms per int8 Linear per call: a runtime whose costs add up layer by layer, as the table's
+    deltas assume, and far above timing noise."""
+
+    name = "sleep-per-int8"
+
+    def prepare(self, model, example, threads, plugins):
+        n = sum(type(m).__name__ == "DynamicInt8Linear" for m in model.modules())
+        model.eval()
+
+        def run():
+            time.sleep(0.004 * n)
+            return model(example)
+
+        return run
+
+
+def test_a_table_timed_in_a_runtime_holds_whole_model_deltas_that_add_up(tmp_path, plugins, fmnist):
+    from autocompress.costs import paired_ratio
+    from autocompress.latency_model import build_predictor
+
+    torch.manual_seed(0)
+    model = make_tiny_vit().eval()
+    example = fmnist.val.images[:32]
+    space = autocompress.SearchSpace.load(_int8_space(tmp_path)).resolve(model, plugins.techniques)
+    runtime = SleepPerInt8()
+    predictor, stats = build_predictor(model, example, space, plugins, model_name="tiny", model_kwargs={}, threads=1,
+                                       warmup=1, repeats=5, path=tmp_path / "table.json", runtime=runtime)
+    table = predictor.table
+    assert table.key["runtime"].startswith("sleep-per-int8") and stats.end_to_end == stats.measured - 1 > 0
+    fc1 = table.entry("blocks.0.mlp.fc1", 'blocks.0.mlp.fc1:quantization.format="int8_dynamic"')
+    assert fc1["how"] == "end to end in sleep-per-int8"
+    assert fc1["delta"] * table.base_ms == pytest.approx(4.0, rel=0.3), fc1  # 4 ms per int8 layer
+    assert table.entry("blocks.1.mlp.fc1", 'blocks.1.mlp.fc1:quantization.format="int8_dynamic"')["how"] == \
+        "mirrored from blocks.0.mlp.fc1"
+    reference = runtime.prepare(model, example, 1, plugins)
+    for params in ({"blocks.0.mlp.fc1:quantization.format": "int8_dynamic"},
+                   {"blocks.0.mlp.fc1:quantization.format": "int8_dynamic", "blocks.1.mlp.fc2:quantization.format":
+                    "int8_dynamic", "blocks.1:pruning.mlp": 0.5},
+                   {f"blocks.{b}.mlp.fc{i}:quantization.format": "int8_dynamic" for b in (0, 1) for i in (1, 2)}):
+        realised = apply_policy(model, space.policy(params), plugins.techniques, ApplyContext(structure_only=True))
+        measured = paired_ratio(reference, runtime.prepare(realised, example, 1, plugins), example, 1, 1, 5).median_ms
+        predicted = predictor.predict(params) / table.base_ms
+        assert predicted == pytest.approx(measured, rel=0.2), (params, predicted, measured)
 
 
 def test_a_runtime_name_taken_twice_fails_that_plugin_alone():
@@ -171,8 +218,10 @@ def test_builtin_runtime_runs_the_model_as_torch_does_and_refuses_bf16(name, plu
 @pytest.mark.slow
 @pytest.mark.parametrize("name,strategy", [("onnxruntime", "sample"), ("openvino", "solve")])
 def test_a_search_in_a_builtin_runtime_runs_end_to_end(name, strategy, tiny_config, tmp_path):
-    search = {**tiny_config["search"], "trials": 3, "strategy": strategy, "solver_waves": 0, "finalize_steps": 0}
-    config = {**tiny_config, "search": search, "target": {**tiny_config["target"], "threads": 1, "runtime": name}}
+    search = {**tiny_config["search"], "trials": 3, "strategy": strategy, "solver_waves": 0, "finalize_steps": 0,
+              "latency_table": str(tmp_path / "table.json")}
+    config = {**tiny_config, "search": search, "target": {**tiny_config["target"], "threads": 1, "runtime": name},
+              "space": _int8_space(tmp_path, ("fp32", "int8_dynamic", "bf16")), "budget": "latency=0.95x"}
     logs: list[str] = []
     result = autocompress.search(config_from_dict(config), progress=False, log=logs.append)
     base = yaml.safe_load((tmp_path / "run" / "baseline.yaml").read_text())
@@ -185,3 +234,8 @@ def test_a_search_in_a_builtin_runtime_runs_end_to_end(name, strategy, tiny_conf
         pareto = pd.read_csv(tmp_path / "run" / "pareto.csv")
         assert set(pareto["runtime"]) == {name} and pareto["latency_ms_torch"].notna().any()
     assert any(f"latency measured in {name}" in line for line in logs), logs
+    if strategy == "solve":  # the table the solver costs options by was timed in that runtime
+        table = json.loads((tmp_path / "table.json").read_text())
+        assert table["key"]["runtime"].startswith(name)
+        hows = {e.get("how") for entries in table["entries"].values() for k, e in entries.items() if k}
+        assert f"end to end in {name}" in hows, hows

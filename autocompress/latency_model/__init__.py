@@ -22,6 +22,7 @@ from autocompress.latency_model.layout import Layout
 from autocompress.latency_model.predictor import LatencyModelError, LatencyPredictor
 from autocompress.latency_model.profiler import ProfileStats, Timing, profile, structure_signature
 from autocompress.latency_model.table import LatencyTable, default_table_path, table_key
+from autocompress.runtime import TORCH, Runtime
 from autocompress.space import ResolvedSpace
 from autocompress.technique import Technique
 
@@ -50,11 +51,14 @@ def technique_versions(plugins: Any) -> dict[str, str]:
 
 def table_for(
     model: nn.Module, example: torch.Tensor, model_name: str, model_kwargs: dict[str, Any], threads: int,
-    path: str | Path | None = None, fresh: bool = False, field: str = "latency table",
+    path: str | Path | None = None, fresh: bool = False, field: str = "latency table", runtime: Runtime | None = None,
 ) -> LatencyTable:
-    """The table for this model and target (loaded from ``path`` or the cache when it exists, else empty)."""
+    """The table for this model and target (loaded from ``path`` or the cache when it exists, else empty), in
+    ``runtime`` (default torch eager)."""
+    other = runtime is not None and runtime is not TORCH
     key = table_key(model_name, model_kwargs, structure_signature(model), threads, example.shape[0],
-                    tuple(example.shape[1:]), str(example.dtype).replace("torch.", ""))
+                    tuple(example.shape[1:]), str(example.dtype).replace("torch.", ""),
+                    runtime=f"{runtime.name}: {runtime.version()}" if other else None)
     return LatencyTable.open(key, path, fresh=fresh, field=field)
 
 
@@ -76,16 +80,26 @@ def build_predictor(
     log: Callable[[str], None] | None = None,
     field: str = "latency table",
     timing: Timing | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[LatencyPredictor, ProfileStats]:
     """Load or profile the table ``space`` needs, then a predictor over it. ``plugins`` is a
-    :class:`~autocompress.pluginmanager.Plugins` (or a plain mapping of technique name to technique)."""
+    :class:`~autocompress.pluginmanager.Plugins` (or a plain mapping of technique name to technique). ``runtime``:
+    where to time (default torch eager; another runtime profiles whole models, see runtime_profile.py)."""
     techniques: Mapping[str, Technique] = getattr(plugins, "techniques", plugins)
-    table = table_for(model, example, model_name, model_kwargs, threads, path, fresh=force, field=field)
+    table = table_for(model, example, model_name, model_kwargs, threads, path, fresh=force, field=field,
+                      runtime=runtime)
     stale = table.forget_techniques(technique_versions(plugins))
     if stale and log:
         log(f"latency table: {', '.join(stale)} changed version; its entries are profiled again")
-    layout, stats = profile(table, model, example, space, techniques, timing or Timing(threads, warmup, repeats),
-                            max_combinations=max_combinations, force=force, progress=progress)
+    timing = timing or Timing(threads, warmup, repeats)
+    if runtime is not None and runtime is not TORCH:
+        from autocompress.latency_model.runtime_profile import profile_in_runtime
+
+        layout, stats = profile_in_runtime(table, model, example, space, techniques, timing, runtime, plugins,
+                                           max_combinations=max_combinations, force=force, progress=progress)
+    else:
+        layout, stats = profile(table, model, example, space, techniques, timing,
+                                max_combinations=max_combinations, force=force, progress=progress)
     if log and (stats.measured or stats.failed):
         log(f"latency table {table.path}: {stats.summary()}")
     return LatencyPredictor(table, layout), stats
@@ -97,7 +111,7 @@ STALE_ERROR = 0.25
 
 def predictor_for_run(
     config: Any, model: nn.Module, example: torch.Tensor, space: ResolvedSpace, plugins: Any, measured_base_ms: float,
-    log: Callable[[str], None] = print, progress: bool | None = None,
+    log: Callable[[str], None] = print, progress: bool | None = None, runtime: Runtime | None = None,
 ) -> LatencyPredictor | None:
     """The predictor a search uses: the config's table (profiled now where entries are missing), checked against
     this machine as it is now, and calibrated to the uncompressed latency measured in this process.
@@ -114,15 +128,16 @@ def predictor_for_run(
     path = config.resolve_path(config.search.latency_table) if config.search.latency_table else None
     kwargs = dict(model_name=config.model.name, model_kwargs=config.model.kwargs, threads=t.threads,
                   warmup=t.warmup, repeats=t.repeats, path=path, progress=progress, log=log,
-                  field=f"{config.source}.search.latency_table")
+                  field=f"{config.source}.search.latency_table", runtime=runtime)
     techniques = getattr(plugins, "techniques", plugins)
+    where = dict(runtime=runtime, plugins=plugins)
     try:
         for attempt in ("cached", "profiled again"):
             predictor, _ = build_predictor(model, example, space, plugins, force=attempt != "cached", **kwargs)
-            error, detail = check_predictor(predictor, model, example, space, techniques, t.threads, t.warmup)
+            error, detail = check_predictor(predictor, model, example, space, techniques, t.threads, t.warmup, **where)
             if error > STALE_ERROR:  # a second look must agree: on AVX2 emulated bf16 alone varies by 10-20%
                 error, detail = min((error, detail), check_predictor(predictor, model, example, space, techniques,
-                                                                     t.threads, t.warmup))
+                                                                     t.threads, t.warmup, **where))
             if error <= STALE_ERROR:
                 return predictor.calibrated(measured_base_ms)
             log(f"warning: the latency table ({attempt}) does not match this machine now: {detail}")
@@ -138,9 +153,11 @@ def predictor_for_run(
 def check_predictor(
     predictor: LatencyPredictor, model: nn.Module, example: torch.Tensor, space: ResolvedSpace,
     techniques: Mapping[str, Technique], threads: int, warmup: int = 2, repeats: int = 7,
+    runtime: Runtime | None = None, plugins: Any = None,
 ) -> tuple[float, str]:
     """Largest relative error of the predicted speed ratio (policy / uncompressed) of up to three uniform policies
-    (the predicted fastest, slowest and middle one), each timed round by round with the uncompressed model."""
+    (the predicted fastest, slowest and middle one), each timed round by round with the uncompressed model (in
+    ``runtime``, default torch eager)."""
     import statistics
 
     from autocompress.compose import apply_policy
@@ -162,6 +179,8 @@ def check_predictor(
     for label in probes:
         models[label] = apply_policy(model, space.policy(predicted[label][1]), techniques,
                                      ApplyContext(structure_only=True))
+    if runtime is not None and runtime is not TORCH:
+        models = {label: runtime.prepare(m, example, threads, plugins) for label, m in models.items()}
     timed = compare_latency(models, example, threads, warmup, repeats)
     base_samples = timed["uncompressed"].samples_ms
     errors = {}

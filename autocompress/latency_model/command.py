@@ -18,6 +18,7 @@ def profile_command(
     from autocompress.config import load_config
     from autocompress.errors import InputError
     from autocompress.pluginmanager import load_plugins
+    from autocompress.runtime import check_runtime
     from autocompress.runner import _is_path, example_batch, load_data
     from autocompress.space import SearchSpace
 
@@ -28,6 +29,7 @@ def profile_command(
         space = str(config.resolve_path(config.space)) if _is_path(config.space) else config.space
     space_file = SearchSpace.load(space)
     plugins = load_plugins(block=[*config.plugins.get("block", ()), *block])
+    runtime = check_runtime(plugins, config.target.runtime, f"{config.source}.target.runtime")
     data = load_data(config)
     model, note = _model(config, data)
     resolved = space_file.resolve(model, plugins.techniques)
@@ -37,10 +39,11 @@ def profile_command(
     predictor, stats = build_predictor(
         model, example, resolved, plugins, model_name=config.model.name, model_kwargs=config.model.kwargs,
         threads=t.threads, warmup=t.warmup, repeats=t.repeats, path=path, force=force, progress=progress,
-        field="--out" if out else f"{config.source}.search.latency_table",
+        field="--out" if out else f"{config.source}.search.latency_table", runtime=runtime,
     )
     lines = [f"latency table: {predictor.table.path}",
-             f"target: {t.threads} threads, batch {t.batch_size}, input {tuple(example.shape[1:])}; {stats.summary()}"]
+             f"target: {runtime.name}, {t.threads} threads, batch {t.batch_size}, input {tuple(example.shape[1:])}; "
+             f"{stats.summary()}"]
     if note:
         lines.append(note)
     return lines + describe(predictor)

@@ -54,17 +54,22 @@ def hardware_id() -> str:
 
 def table_key(
     model_name: str, model_kwargs: dict[str, Any], structure: str, threads: int, batch_size: int,
-    input_shape: tuple[int, ...], dtype: str = "float32",
+    input_shape: tuple[int, ...], dtype: str = "float32", runtime: str | None = None,
 ) -> dict[str, Any]:
     """What a table's timings depend on. ``structure`` is a hash of the model's modules and tensor shapes, so two
-    models that share a name but not an architecture (a user's own module classes) never share a table."""
-    return {
+    models that share a name but not an architecture (a user's own module classes) never share a table.
+    ``runtime``: the runtime and version a table not timed in torch eager was timed in (torch eager's tables carry
+    none, as before runtimes existed, so they stay valid)."""
+    key = {
         "hardware": hardware_id(),
         "torch": torch.__version__,
         "model": {"name": model_name, "kwargs": _plain(model_kwargs), "structure": structure},
         "target": {"threads": int(threads), "batch_size": int(batch_size), "input_shape": list(input_shape),
                    "dtype": dtype},
     }
+    if runtime:
+        key["runtime"] = runtime
+    return key
 
 
 def key_digest(key: dict[str, Any]) -> str:
