@@ -192,6 +192,11 @@ def _plugins(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row[:5], widths)) + "  " + row[5])
+    runtimes = []
+    for name, runtime in sorted(plugins.runtimes.items()):
+        missing = runtime.missing()
+        runtimes.append(f"{name} ({plugins.runtime_owners[name]}{': ' + missing if missing else ''})")
+    print("runtimes (target.runtime): " + ", ".join(runtimes))
     for info in plugins.errors:  # a broken plugin is said on stderr too, so it is seen when stdout is piped
         print(f"autocompress: warning: plugin {info.name!r} ({info.distribution}) not loaded: {info.error}",
               file=sys.stderr)

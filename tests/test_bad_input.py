@@ -143,6 +143,20 @@ def test_unknown_search_backend(capsys, tmp_path, cfg):
     search_fails(capsys, tmp_path, cfg, names=("search.backend", "os:system"))
 
 
+def test_unknown_runtime(capsys, tmp_path, cfg):
+    cfg["target"]["runtime"] = "tensorrt"
+    search_fails(capsys, tmp_path, cfg, names=("target.runtime", "tensorrt", "onnxruntime"))
+
+
+def test_runtime_not_installed(capsys, tmp_path, cfg, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    cfg["target"]["runtime"] = "openvino"
+    search_fails(capsys, tmp_path, cfg, names=("target.runtime", "openvino", "pip install 'autocompress[openvino]'"))
+
+
 # --- budgets ----------------------------------------------------------------------------------------------------------
 
 
