@@ -276,22 +276,27 @@ def _apply(args: argparse.Namespace) -> int:
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
     from autocompress.runner import compress_policy, example_batch
+    from autocompress.runtime import check_runtime
 
     config = load_config(args.config)
     policy = Policy.load(args.policy)
     out = Path(args.out)
     _check_out_file(out)
     plugins = load_plugins(block=list(config.plugins.get("block", [])) + args.block_plugin)
+    runtime = check_runtime(plugins, config.target.runtime, f"{config.source}.target.runtime")
     data, model, compressed = compress_policy(config, policy, plugins, source=args.policy)
     save_compressed(out, compressed, policy, config.model.name, config.model.kwargs)
     print(f"wrote {out}")
     if not args.no_measure:
         t = config.target
         example = example_batch(data, t.batch_size)
-        timing = compare_latency({"base": model, "compressed": compressed}, example, t.threads, t.warmup, t.repeats)
+        runs = {"base": model, "compressed": compressed}
+        if runtime.name != "torch":  # timed where the config says the model will run
+            runs = {k: runtime.prepare(m, example, t.threads, plugins) for k, m in runs.items()}
+        timing = compare_latency(runs, example, t.threads, t.warmup, t.repeats)
         base_ms, comp_ms = timing["base"].median_ms, timing["compressed"].median_ms  # interleaved: same load
         print(f"latency  {base_ms:8.2f} ms -> {comp_ms:8.2f} ms  ({base_ms / comp_ms:.2f}x, batch {t.batch_size}, "
-              f"{t.threads} threads)")
+              f"{t.threads} threads, {runtime.name})")
         print(f"memory   {memory_mb(model):8.3f} MB -> {memory_mb(compressed):8.3f} MB")
         print(f"val acc  {accuracy(model, data.val):8.4f}    -> {accuracy(compressed, data.val):8.4f}")
     return 0
