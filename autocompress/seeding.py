@@ -94,6 +94,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         lambda params: run.compress(run.policy(params), seed=run.config.search.seed),
         path=None if run_dir is None else run_dir / SENSITIVITY_FILE,
         fingerprint={"space": sorted(wanted), "calibration_size": run.config.data.calibration_size},
+        identities=identities,
     )
     failed: list[str] = []
     damage = sens.measure(wanted.items(), progress=progress, on_error=lambda key, exc: failed.append(key))

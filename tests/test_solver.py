@@ -122,6 +122,36 @@ def test_the_identity_setting_does_no_damage_and_a_compressed_one_does(trained_t
     assert out["mlp"] > 0.01
 
 
+def test_a_setting_on_a_later_block_is_scored_from_the_kept_input_of_that_block(trained_tiny, fmnist, plugins):
+    """Skipping the unchanged blocks is exact: the same damages as a whole pass, setting by setting; and a global
+    option that changes the earlier blocks too (compute bf16) is caught and run whole."""
+    from autocompress.compose import apply_policy
+    from autocompress.policy import Policy
+
+    model, _ = trained_tiny
+    images = fmnist.train.images[:96]
+    identities = {"blocks.1:pruning.mlp": 1.0, "blocks.1.mlp.fc1:quantization.format": "fp32",
+                  "blocks.0.mlp.fc1:quantization.format": "fp32", "quantization.compute": "fp32"}
+
+    def compress(params):
+        return apply_policy(model, Policy.from_params({k: v for k, v in params.items() if v != identities[k]}),
+                            plugins.techniques)
+
+    wanted = [("mlp", {**identities, "blocks.1:pruning.mlp": 0.5}),
+              ("fc1 int8", {**identities, "blocks.1.mlp.fc1:quantization.format": "int8_dynamic"}),
+              ("fc1 bf16 compute", {**identities, "blocks.1.mlp.fc1:quantization.format": "int8_dynamic",
+                                    "quantization.compute": "bf16"}),
+              ("block 0", {**identities, "blocks.0.mlp.fc1:quantization.format": "int8_dynamic"})]
+    skipping = Sensitivity(model, images, compress, identities=identities)
+    whole = Sensitivity(model, images, compress)
+    assert skipping.prefix_for(wanted[0][1], identities).index == 1
+    assert skipping.prefix_for(wanted[3][1], identities) is None  # block 0: nothing before it to skip
+    got, expected = skipping.measure(wanted), whole.measure(wanted)
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+    assert expected["mlp"] > 0
+
+
 # --- the solver's path end to end ------------------------------------------------------------------------------------
 
 
