@@ -17,7 +17,7 @@ from torch import nn
 
 from autocompress.budget import Budget
 from autocompress.compose import apply_policy, simulated_layers
-from autocompress.config import RunConfig
+from autocompress.config import RunConfig, latency_model_margin
 from autocompress.costs import measure_latency, memory_mb, paired_ratio
 from autocompress.cpu import cpu_info
 from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
@@ -414,7 +414,7 @@ def _evaluate_params(
         record.simulated = " ".join(simulated_layers(policy, run.techniques))
         stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
         record.predicted_latency_ms = predicted = run.predict_latency(policy)
-        if "latency_ms" in limits and predicted > limits["latency_ms"] * run.config.search.latency_model_margin:
+        if "latency_ms" in limits and predicted > limits["latency_ms"] * latency_model_margin(run.config.search):
             record.skipped = "predicted latency over budget"  # clearly over: neither compressed nor measured
         elif "memory_mb" in limits or Stage.RECOVERY in stages:
             with torch.random.fork_rng():
