@@ -12,7 +12,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -56,6 +56,34 @@ def num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def timed_rounds(
+    runs: Mapping[str, Runnable], example: torch.Tensor, threads: int | None = None, warmup: int = 3,
+    repeats: int = 10, alternate: bool = False,
+) -> dict[str, list[float]]:
+    """The one timing loop: each run warmed up ``warmup`` times, then called once per round for ``repeats`` rounds,
+    in turns (the order reversed every other round with ``alternate``, so no run always goes first). Returns the
+    milliseconds of every call, per run: runs timed in the same round saw the same machine load."""
+    calls = {name: _call(run, example) for name, run in runs.items()}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls.items())
+    with num_threads(threads), torch.inference_mode():
+        for _, call in order:
+            for _ in range(warmup):
+                call()
+        for i in range(repeats):
+            for name, call in (order if not alternate or i % 2 == 0 else order[::-1]):
+                start = time.perf_counter()
+                call()
+                samples[name].append((time.perf_counter() - start) * 1000.0)
+    return samples
+
+
+def median_ratio(candidate: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of candidate / reference timed in the same round (1.0 with nothing to compare)."""
+    ratios = [c / r for c, r in zip(candidate, reference) if r > 0]
+    return statistics.median(ratios) if ratios else 1.0
+
+
 def measure_latency(
     model: Runnable,
     example: torch.Tensor,
@@ -65,15 +93,7 @@ def measure_latency(
 ) -> Latency:
     """Median wall time of ``model(example)`` (or of the prepared call) in milliseconds, after ``warmup`` untimed
     runs."""
-    run = _call(model, example)
-    samples = []
-    with num_threads(threads), torch.inference_mode():
-        for _ in range(warmup):
-            run()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            samples.append((time.perf_counter() - start) * 1000.0)
+    samples = timed_rounds({"model": model}, example, threads, warmup, repeats)["model"]
     return Latency(statistics.median(samples), tuple(samples))
 
 
@@ -88,20 +108,8 @@ def paired_ratio(
     medians taken a minute apart do not: here the same model measured 59 and 83 ms within one search.
     ``samples_ms`` holds the per-round ratios (not milliseconds).
     """
-    ratios = []
-    reference, candidate = _call(reference, example), _call(candidate, example)
-    with num_threads(threads), torch.inference_mode():
-        for run in (reference, candidate):
-            for _ in range(warmup):
-                run()
-        for i in range(repeats):
-            times = {}
-            for name, run in ((("ref", reference), ("cand", candidate)) if i % 2 == 0 else
-                              (("cand", candidate), ("ref", reference))):
-                start = time.perf_counter()
-                run()
-                times[name] = time.perf_counter() - start
-            ratios.append(times["cand"] / times["ref"])
+    timed = timed_rounds({"ref": reference, "cand": candidate}, example, threads, warmup, repeats, alternate=True)
+    ratios = [c / r for c, r in zip(timed["cand"], timed["ref"])]
     return Latency(statistics.median(ratios), tuple(ratios))
 
 
@@ -110,18 +118,8 @@ def compare_latency(
 ) -> dict[str, Latency]:
     """Measure several models (or prepared calls) interleaved (A B A B ...) so drifting machine load hits them
     alike."""
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    runs = {name: _call(model, example) for name, model in models.items()}
-    with num_threads(threads), torch.inference_mode():
-        for run in runs.values():
-            for _ in range(warmup):
-                run()
-        for _ in range(repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                samples[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: Latency(statistics.median(s), tuple(s)) for name, s in samples.items()}
+    timed = timed_rounds(models, example, threads, warmup, repeats)
+    return {name: Latency(statistics.median(s), tuple(s)) for name, s in timed.items()}
 
 
 def weight_bytes(model: nn.Module) -> int:

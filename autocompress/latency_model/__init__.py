@@ -158,10 +158,8 @@ def check_predictor(
     """Largest relative error of the predicted speed ratio (policy / uncompressed) of up to three uniform policies
     (the predicted fastest, slowest and middle one), each timed round by round with the uncompressed model (in
     ``runtime``, default torch eager)."""
-    import statistics
-
     from autocompress.compose import apply_policy
-    from autocompress.costs import compare_latency
+    from autocompress.costs import compare_latency, median_ratio
     from autocompress.technique import ApplyContext
 
     base = float(predictor.table.base_ms)
@@ -185,7 +183,7 @@ def check_predictor(
     base_samples = timed["uncompressed"].samples_ms
     errors = {}
     for label in probes:
-        measured = statistics.median(a / b for a, b in zip(timed[label].samples_ms, base_samples))
+        measured = median_ratio(timed[label].samples_ms, base_samples)
         errors[label] = (abs(predicted[label][0] - measured) / measured, predicted[label][0], measured)
     worst = max(errors, key=lambda k: errors[k][0])
     error, pred, meas = errors[worst]
