@@ -31,8 +31,8 @@ from typing import Any, Mapping
 import yaml
 from torch import nn
 
-from autocompress.errors import InputError
-from autocompress.policy import Policy, _yaml_where, param_name
+from autocompress.errors import InputError, yaml_error_where
+from autocompress.policy import Policy, param_name
 from autocompress.technique import Technique
 
 #: where a builtin space name ('vit') is looked up: inside the installed package (a wheel carries search_spaces/ as
@@ -76,7 +76,7 @@ class SearchSpace:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+            raise InputError(str(path), f"not valid YAML ({yaml_error_where(exc)})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(str(path), f"cannot read search space ({getattr(exc, 'strerror', None) or exc})") from None
         space = cls.from_dict(data, source=str(path))

@@ -23,10 +23,10 @@ from torch import nn
 from autocompress.compose import save_compressed
 from autocompress.config import RunConfig, config_from_dict, finalize_steps, load_config, validate
 from autocompress.data import Dataset
-from autocompress.errors import InputError, SearchInterrupted
+from autocompress.errors import InputError, SearchInterrupted, yaml_error_where
 from autocompress.metric import ACCURACY, Metric
 from autocompress.io import atomic_write_csv, atomic_write_text
-from autocompress.policy import Policy, _yaml_where
+from autocompress.policy import Policy
 from autocompress.results import (
     SearchResult, closest_to_budget, params_of, pareto_front, summary_table, timing_drift, trials_frame,
 )
@@ -332,7 +332,7 @@ def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
     except FileNotFoundError:
         return
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
+        why = yaml_error_where(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
         raise InputError(str(run_dir / "config.yaml"), f"cannot read the saved config ({why})") from None
     for key in ("budget", "space"):
         if key not in given and isinstance((saved or {}).get(key), str):
@@ -365,5 +365,5 @@ def _saved_baseline(run_dir: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
         return Baseline.from_dict(data).to_dict()
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__}: {exc}"
+        why = yaml_error_where(exc) if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__}: {exc}"
         raise InputError(str(path), f"cannot read the saved baseline ({why})") from None
