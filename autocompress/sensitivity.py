@@ -24,9 +24,8 @@ from torch import nn
 
 from autocompress.io import atomic_write_text
 
-__all__ = ["FILE", "Sensitivity", "kl_damage"]
+__all__ = ["Sensitivity", "kl_damage"]
 
-FILE = "sensitivity.json"
 FORMAT = "autocompress.sensitivity/1"
 SAVE_EVERY = 25  # settings scored between two saves of sensitivity.json
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autocompress import rundir
 from autocompress.io import atomic_write_bytes, atomic_write_text
 from autocompress.report.layers import LayerPicture, layer_picture
 from autocompress.report.page import render_page
@@ -21,8 +22,8 @@ from autocompress.report.rundata import RunData, load_run
 
 __all__ = ["write_report", "load_run", "RunData", "LayerPicture", "layer_picture", "REPORT_FILE", "PLOTS_DIR"]
 
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
+REPORT_FILE = rundir.REPORT
+PLOTS_DIR = rundir.PLOTS
 
 #: figure id in the page -> PNG file name under plots/
 PLOT_FILES = {
