@@ -134,7 +134,8 @@ def export(source: str | Path, format: str, out: str | Path, config: str | Path 
     from autocompress.config import load_config
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
-    from autocompress.runner import compress_policy, load_data
+    from autocompress.inputs import load_data
+    from autocompress.runner import compress_policy
 
     check_target(format, out)
     source = Path(source)

@@ -378,6 +378,11 @@ def match_layers(pattern: str, candidates: list[str], field: str) -> list[str]:
     return matched
 
 
+def is_space_path(value: str) -> bool:
+    """Whether a space is given as a file path (relative to where it was written) rather than a builtin name."""
+    return "/" in value or value.endswith((".yaml", ".yml")) or Path(value).suffix != ""
+
+
 def find_space_file(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if path.is_file():
