@@ -20,11 +20,12 @@ it, so nothing is compared across moments and nothing rests on one sample:
 
 Realising a variant: the settings (its own and those of the searched layers that contain it) are applied with
 ``structure_only=True`` exactly as a trial applies them, minus calibration and training: kernels and shapes are a
-trial's, weight values do not change timings. Models are copied cheaply: only the changed blocks are deep-copied
-(the whole model under a global option). Each variant is first realised alone to read its module structure on its
-real input (captured with forward hooks; a pruned MLP feeds ``fc2`` fewer channels, a bf16 model feeds every layer
-bf16): variants equal to an already-timed one are not timed again, and a block congruent with an earlier one takes
-that block's ratios after one variant is checked to realise identically — what keeps a 12-block model cheap.
+trial's, weight values do not change timings. Models are copied cheaply (``copying.py``): only the changed blocks
+are deep-copied (the whole model under a global option). Each variant is first realised alone to read its module
+structure on its real input (captured with forward hooks; a pruned MLP feeds ``fc2`` fewer channels, a bf16 model
+feeds every layer bf16): variants equal to an already-timed one are not timed again, and a block congruent with an
+earlier one takes that block's ratios after one variant is checked to realise identically — what keeps a 12-block
+model cheap.
 
 A variant that changes its layer's output shape (a block that merges tokens) changes the work of every later layer;
 it is timed end to end instead, interleaved with the uncompressed model, and stored as a delta (a fraction of
@@ -48,6 +49,7 @@ from torch import nn
 
 from autocompress.compose import apply_policy
 from autocompress.costs import num_threads
+from autocompress.latency_model.copying import path_copy, path_copy_many
 from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, rename_layer, settings_key
 from autocompress.latency_model.table import LatencyTable
 from autocompress.policy import Policy
@@ -669,23 +671,6 @@ def capture(model: nn.Module, root: str, names: list[str], args: tuple, kwargs: 
     return found
 
 
-def path_copy(model: nn.Module, subtree: str) -> nn.Module:
-    """A copy of ``model`` whose subtree ``subtree`` is deep-copied and whose modules on the path to it are
-    shallow-copied; everything else (modules and tensors) is shared. Applying a setting to that subtree leaves
-    ``model`` untouched, for a fraction of the cost of copying the whole model."""
-    if not subtree:
-        return copy.deepcopy(model)
-    root = _shallow(model)
-    parent = root
-    parts = subtree.split(".")
-    for i, part in enumerate(parts):
-        child = parent._modules[part]
-        new = copy.deepcopy(child) if i == len(parts) - 1 else _shallow(child)
-        parent._modules[part] = new
-        parent = new
-    return root
-
-
 def _residuals(p: "_Pass", roots: list[str]) -> list[float]:
     """Per round: the pass's total minus its top-level layers (what the residual is, measured in one pass)."""
     return [p.times[MODEL][r] - sum(p.times[n][r] for n in roots if n in p.times) for r in range(len(p.samples))]
@@ -712,36 +697,6 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def path_copy_many(model: nn.Module, subtrees: list[str]) -> nn.Module:
-    """:func:`path_copy` for several disjoint subtrees at once."""
-    root = _shallow(model)
-    copied = {id(root)}
-    for subtree in subtrees:
-        parent = root
-        parts = subtree.split(".")
-        for i, part in enumerate(parts):
-            child = parent._modules[part]
-            if i == len(parts) - 1:
-                new = copy.deepcopy(child)
-            elif id(child) in copied:
-                new = child  # already copied for an earlier subtree
-            else:
-                new = _shallow(child)
-                copied.add(id(new))
-            parent._modules[part] = new
-            parent = new
-    return root
-
-
-def _shallow(module: nn.Module) -> nn.Module:
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    return new
 
 
 def structure_signature(module: nn.Module) -> str:
