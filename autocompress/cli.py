@@ -244,9 +244,9 @@ def _backend_options(args: argparse.Namespace, backend: str) -> dict:
 def _from_cwd(value: str | None) -> str | None:
     """A path typed on the command line means from here, not from the config file's folder (where the config's own
     relative paths point). A bare name (``--space vit``) stays a name."""
-    from autocompress.runner import _is_path
+    from autocompress.space import is_space_path
 
-    if value is None or not _is_path(value):
+    if value is None or not is_space_path(value):
         return value
     return str(Path(value).expanduser().resolve())
 
@@ -273,9 +273,10 @@ def _apply(args: argparse.Namespace) -> int:
     from autocompress.config import load_config
     from autocompress.costs import compare_latency, memory_mb
     from autocompress.evaluate import accuracy
+    from autocompress.inputs import example_batch
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
-    from autocompress.runner import compress_policy, example_batch
+    from autocompress.runner import compress_policy
     from autocompress.runtime import check_runtime
 
     config = load_config(args.config)

@@ -13,8 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from autocompress.errors import InputError
-from autocompress.policy import _yaml_where
+from autocompress.errors import InputError, yaml_error_where
 
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 STRATEGIES = ("solve", "sample")
@@ -159,7 +158,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+        raise InputError(str(path), f"not valid YAML ({yaml_error_where(exc)})") from None
     if not isinstance(data, Mapping):
         raise InputError(str(path), "a config must be a YAML mapping (model:, data:, budget: ...)")
     config = config_from_dict(data, source="config", base_dir=path.resolve().parent)

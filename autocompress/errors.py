@@ -7,6 +7,15 @@ field or file at fault; the CLI prints it as one line and exits with status 2, w
 from __future__ import annotations
 
 
+def yaml_error_where(exc: Exception) -> str:
+    """Where a YAML parse error is, for a one-line :class:`InputError`: ``"<problem> at line L, column C"``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
 class AutocompressError(Exception):
     """Base class of the errors autocompress raises on purpose."""
 

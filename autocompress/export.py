@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from autocompress import rundir
 from autocompress.errors import AutocompressError, InputError
 from autocompress.evaluate import logits
 from autocompress.io import atomic_write
+from autocompress.rundir import RunDir
 
 if TYPE_CHECKING:
     from autocompress.pluginmanager import Plugins
@@ -132,16 +134,18 @@ def export(source: str | Path, format: str, out: str | Path, config: str | Path 
     from autocompress.config import load_config
     from autocompress.pluginmanager import load_plugins
     from autocompress.policy import Policy
-    from autocompress.runner import compress_policy, load_data
+    from autocompress.inputs import load_data
+    from autocompress.runner import compress_policy
 
     check_target(format, out)
     source = Path(source)
     if source.is_dir():
-        best = source / "best_model.pt"
+        run_dir = RunDir(source)
+        best = run_dir.best_model
         if not best.is_file():
-            why = "best_policy.yaml with --config" if (source / "best_policy.yaml").is_file() else "a policy"
-            raise InputError(str(source), f"no best_model.pt in this run directory (export {why} instead)")
-        run_config = load_config(config if config is not None else source / "config.yaml")
+            why = f"{rundir.BEST_POLICY} with --config" if run_dir.has(rundir.BEST_POLICY) else "a policy"
+            raise InputError(str(source), f"no {rundir.BEST_MODEL} in this run directory (export {why} instead)")
+        run_config = load_config(config if config is not None else run_dir / rundir.CONFIG)
         plugins = plugins or load_plugins(block=[*run_config.plugins.get("block", ()), *block])
         model, _ = load_compressed(best, plugins.techniques)
         data = load_data(run_config)

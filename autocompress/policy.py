@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from autocompress.errors import InputError
+from autocompress.errors import InputError, yaml_error_where
 from autocompress.technique import TechniqueSettings
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -138,7 +138,7 @@ class Policy:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise InputError(source, f"not valid YAML ({_yaml_where(exc)})") from None
+            raise InputError(source, f"not valid YAML ({yaml_error_where(exc)})") from None
         return cls.from_dict(data, source)
 
     @classmethod
@@ -163,11 +163,3 @@ class Policy:
                 bits.append(", ".join(f"{k}={v}" for k, v in settings.options.items()))
             parts.append(f"{name}: {'; '.join(bits)}")
         return "; ".join(parts) or "uncompressed"
-
-
-def _yaml_where(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or "syntax error"
-    if mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return str(problem)

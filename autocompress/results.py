@@ -12,6 +12,7 @@ import pandas as pd
 
 from autocompress.policy import Policy
 from autocompress.record import COLUMNS
+from autocompress.rundir import TRIALS
 
 #: the columns of trials.csv before the search parameters (autocompress.record: one schema for every backend)
 RECORD_COLUMNS = COLUMNS
@@ -186,5 +187,5 @@ def no_feasible_message(result: SearchResult) -> str:
                 f"{row['policy'] or 'uncompressed'}"
             )
     if result.run_dir is not None:
-        lines.append(f"All trials: {result.run_dir / 'trials.csv'}")
+        lines.append(f"All trials: {result.run_dir / TRIALS}")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -20,16 +19,17 @@ from autocompress.compose import apply_policy, simulated_layers
 from autocompress.config import RunConfig, latency_model_margin
 from autocompress.costs import measure_latency, memory_mb, paired_ratio
 from autocompress.cpu import cpu_info
-from autocompress.data import Dataset, load_fashion_mnist, load_image_folder
+from autocompress.data import Dataset
 from autocompress.errors import InputError, TechniqueError
 from autocompress.metric import ACCURACY, Metric
-from autocompress.models import create_model, load_checkpoint
+from autocompress.inputs import example_batch, load_data, load_model, load_space
+from autocompress.latency_model import LatencyModelError, LatencyPredictor, predictor_for_run
 from autocompress.pluginmanager import Plugins, load_plugins
 from autocompress.policy import Policy
 from autocompress.record import TrialRecord
 from autocompress.runtime import TORCH, Runtime, check_runtime
 from autocompress.screening import measure_slow_choices, unsupported_choices, without_choices
-from autocompress.space import ResolvedSpace, SearchSpace
+from autocompress.space import ResolvedSpace
 from autocompress.technique import ApplyContext, Stage, TrialStopped  # TrialStopped: re-exported
 from autocompress.timelimit import TrialTimeout, time_limit
 
@@ -84,7 +84,7 @@ class RunContext:
     cache: dict[str, Any] = field(default_factory=dict)  # shared by all trials of the run (e.g. teacher outputs)
     rebuildable: bool = True  # the model is a named timm architecture, so compressed models can be saved
     data_from_config: bool = True  # the data were loaded from config.data, so a worker process can load them again
-    latency_model: Any = None  # a calibrated autocompress.latency_model.LatencyPredictor (latency budgets), or None
+    latency_model: LatencyPredictor | None = None  # calibrated (latency budgets), or None
     metric: Metric = ACCURACY  # the score maximized on the validation split (autocompress/metric.py)
     seeds: list[Any] = field(default_factory=list)  # the solver's first trials (autocompress.seeding.Seed)
     solver: Any = None  # autocompress.seeding.Solver: solves again once the seeds are measured (second wave)
@@ -113,8 +113,6 @@ class RunContext:
         """The latency model's prediction in ms (NaN without a latency model, or for a setting it lacks)."""
         if self.latency_model is None:
             return math.nan
-        from autocompress.latency_model import LatencyModelError
-
         try:
             return float(self.latency_model.predict(policy))
         except LatencyModelError:
@@ -232,7 +230,7 @@ def prepare(
     metric = Metric.of(metric)
     # cheap checks first, so a wrong budget or space file fails before any data or model is loaded
     budget = config_budget(config)
-    space = SearchSpace.load(config.resolve_path(config.space) if _is_path(config.space) else config.space)
+    space = load_space(config)
     if plugins is None:
         plugins = load_plugins(block=config.plugins.get("block", ()))
         for bad in plugins.errors:
@@ -303,8 +301,6 @@ def prepare(
     if latency_model is None:
         latency_model = config.search.latency_model or config.search.strategy == "solve"
     if "latency_ms" in budget.metrics and latency_model:
-        from autocompress.latency_model import predictor_for_run
-
         # the solver costs every option from the table: profiled first (or reused from the cache)
         started = time.perf_counter()
         predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log,
@@ -317,29 +313,6 @@ def prepare(
 
 def config_budget(config: RunConfig) -> Budget:
     return Budget.parse(config.budget, field=f"{config.source}.budget")
-
-
-def load_data(config: RunConfig) -> Dataset:
-    d = config.data
-    path = config.resolve_path(d.path)
-    field_name = f"{config.source}.data.path"
-    if d.kind == "fashion_mnist":
-        return load_fashion_mnist(path, d.val_size, d.seed, field=field_name)
-    return load_image_folder(path, d.image_size, d.channels, d.val_size, d.seed, field=field_name)
-
-
-def load_model(config: RunConfig, data: Dataset, log: Log = print) -> nn.Module:
-    m = config.model
-    model = create_model(m.name, m.kwargs, field=f"{config.source}.model")
-    if m.checkpoint is None:
-        raise InputError(f"{config.source}.model.checkpoint", "a local checkpoint is required (nothing is downloaded)")
-    path = config.resolve_path(m.checkpoint)
-    if not path.exists() and m.train_if_missing is not None:
-        from autocompress.train import train_base
-
-        log(f"base checkpoint {path} is missing: training it once (model.train_if_missing) ...")
-        train_base(model, data, path, **m.train_if_missing)
-    return load_checkpoint(model, path, field=f"{config.source}.model.checkpoint")
 
 
 @dataclass
@@ -460,13 +433,3 @@ def _evaluate_params(
         record.progress = format_progress(report.values)
     record.duration_s = round(time.perf_counter() - started, 3)
     return record.to_dict()
-
-
-def example_batch(data: Dataset, batch_size: int) -> torch.Tensor:
-    images = data.val.images
-    reps = -(-batch_size // len(images))
-    return images.repeat(reps, *([1] * (images.dim() - 1)))[:batch_size].contiguous()
-
-
-def _is_path(space: str) -> bool:
-    return "/" in space or space.endswith((".yaml", ".yml")) or Path(space).suffix != ""

@@ -26,15 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from autocompress.io import atomic_write_csv
 from autocompress.latency_model.layout import MODEL, Layout, Setting, settings_key
-from autocompress.sensitivity import FILE as SENSITIVITY_FILE, Sensitivity
+from autocompress.rundir import SENSITIVITY, RunDir
+from autocompress.sensitivity import Sensitivity
 from autocompress.solver import Option, solve
 from autocompress.technique import ApplyContext, Stage
 
-__all__ = ["MAX_GLOBAL_COMBINATIONS", "Plan", "Seed", "SOLVER_FILE", "Solver", "plan_seeds", "second_wave"]
+__all__ = ["MAX_GLOBAL_COMBINATIONS", "Plan", "Seed", "Solver", "plan_seeds", "second_wave"]
 
-SOLVER_FILE = "solver.csv"
 #: above this many combinations of global options, each non-identity value is solved alone
 MAX_GLOBAL_COMBINATIONS = 8
 
@@ -92,7 +91,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
     sens = Sensitivity(
         run.model, run.data.train.images[: max(1, min(run.config.data.calibration_size, len(run.data.train)))],
         lambda params: run.compress(run.policy(params), seed=run.config.search.seed),
-        path=None if run_dir is None else run_dir / SENSITIVITY_FILE,
+        path=None if run_dir is None else RunDir(run_dir).sensitivity,
         fingerprint={"space": sorted(wanted), "calibration_size": run.config.data.calibration_size},
         identities=identities,
     )
@@ -101,7 +100,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
     plan.phases["sensitivity"] = time.perf_counter() - started
     reused = len([k for k in wanted if k]) - sens.measured  # the identity ("") is never scored
     log(f"sensitivity: {len(wanted)} settings, {sens.measured} scored in {sens.seconds:.1f} s"
-        + (f", {reused} from {SENSITIVITY_FILE}" if reused > 0 else "")
+        + (f", {reused} from {SENSITIVITY}" if reused > 0 else "")
         + (f"; {len(failed)} could not be applied (never chosen)" if failed else ""))
 
     # costs and the solve, for each global combination and fraction
@@ -189,7 +188,7 @@ class Solver:
         import pandas as pd
 
         metric = self.run.budget.metric
-        atomic_write_csv(run_dir / SOLVER_FILE, pd.DataFrame(
+        RunDir(run_dir).write_solver(pd.DataFrame(
             [{"label": s.label, "fraction": s.fraction, f"predicted_{metric}": s.predicted, "damage": s.damage,
               "policy": self.run.policy(s.params).summary()} for s in self.all],
             columns=["label", "fraction", f"predicted_{metric}", "damage", "policy"]))

@@ -30,9 +30,8 @@ from torch import nn
 
 from autocompress.io import atomic_write_text
 
-__all__ = ["FILE", "Sensitivity", "kl_damage"]
+__all__ = ["Sensitivity", "kl_damage"]
 
-FILE = "sensitivity.json"
 FORMAT = "autocompress.sensitivity/1"
 SAVE_EVERY = 25  # settings scored between two saves of sensitivity.json
 #: at most this many bytes of the uncompressed model's block inputs are kept to skip unchanged blocks

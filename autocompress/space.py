@@ -31,8 +31,8 @@ from typing import Any, Mapping
 import yaml
 from torch import nn
 
-from autocompress.errors import InputError
-from autocompress.policy import Policy, _yaml_where, param_name
+from autocompress.errors import InputError, yaml_error_where
+from autocompress.policy import Policy, param_name
 from autocompress.technique import Technique
 
 #: where a builtin space name ('vit') is looked up: inside the installed package (a wheel carries search_spaces/ as
@@ -76,7 +76,7 @@ class SearchSpace:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise InputError(str(path), f"not valid YAML ({_yaml_where(exc)})") from None
+            raise InputError(str(path), f"not valid YAML ({yaml_error_where(exc)})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(str(path), f"cannot read search space ({getattr(exc, 'strerror', None) or exc})") from None
         space = cls.from_dict(data, source=str(path))
@@ -376,6 +376,11 @@ def match_layers(pattern: str, candidates: list[str], field: str) -> list[str]:
         shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
         raise InputError(field, f"{pattern!r} matches no layer the technique can act on (candidates: {shown})")
     return matched
+
+
+def is_space_path(value: str) -> bool:
+    """Whether a space is given as a file path (relative to where it was written) rather than a builtin name."""
+    return "/" in value or value.endswith((".yaml", ".yml")) or Path(value).suffix != ""
 
 
 def find_space_file(path_or_name: str | Path) -> Path:

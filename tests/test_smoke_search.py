@@ -2,6 +2,8 @@ import pandas as pd
 
 import autocompress
 from autocompress.config import config_from_dict
+from autocompress.results import RECORD_COLUMNS
+from autocompress.rundir import RunDir
 
 
 def test_tiny_end_to_end_search_writes_a_run_directory(tiny_config, tmp_path):
@@ -13,6 +15,11 @@ def test_tiny_end_to_end_search_writes_a_run_directory(tiny_config, tmp_path):
     # the uncompressed baseline is trial 0 and is over a 0.9x budget by construction
     assert trials.loc[0, "baseline"] == "uncompressed"
     assert (run / "config.yaml").is_file()
+    # the resolved space is saved: every searched parameter (a column of trials.csv) with its identity
+    identities = RunDir(run).read_identities(notes := [])
+    assert not notes and identities is not None
+    assert set(identities) == set(trials.columns) - set(RECORD_COLUMNS)
+    assert {c: str(v) for c, v in identities.items()} == {c: str(trials.loc[0, c]) for c in identities}
     pareto = pd.read_csv(run / "pareto.csv")
     if result.feasible:
         assert (pareto["latency_ms"] <= result.limit).all()

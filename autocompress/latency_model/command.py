@@ -7,7 +7,14 @@ from typing import Iterable
 
 from torch import nn
 
+from autocompress.config import load_config
+from autocompress.errors import InputError
+from autocompress.inputs import example_batch, load_data, load_model, space_location
 from autocompress.latency_model import build_predictor, describe
+from autocompress.models import create_model
+from autocompress.pluginmanager import load_plugins
+from autocompress.runtime import check_runtime
+from autocompress.space import SearchSpace
 
 
 def profile_command(
@@ -15,18 +22,11 @@ def profile_command(
     progress: bool = True, block: Iterable[str] = (),
 ) -> list[str]:
     """Profile what the config's search space needs; returns the lines to print."""
-    from autocompress.config import load_config
-    from autocompress.errors import InputError
-    from autocompress.pluginmanager import load_plugins
-    from autocompress.runtime import check_runtime
-    from autocompress.runner import _is_path, example_batch, load_data
-    from autocompress.space import SearchSpace
-
     config = load_config(config_path)
     if out is not None and Path(out).is_dir():
         raise InputError("--out", f"{out} is a directory; give a file name")
     if space is None:  # the config's own space: a relative path means from the config's folder
-        space = str(config.resolve_path(config.space)) if _is_path(config.space) else config.space
+        space = space_location(config)
     space_file = SearchSpace.load(space)
     plugins = load_plugins(block=[*config.plugins.get("block", ()), *block])
     runtime = check_runtime(plugins, config.target.runtime, f"{config.source}.target.runtime")
@@ -52,9 +52,6 @@ def profile_command(
 def _model(config, data) -> tuple[nn.Module, str]:
     """The config's model with its checkpoint when there is one; else random weights (timings do not depend on
     weight values), without training it."""
-    from autocompress.models import create_model
-    from autocompress.runner import load_model
-
     m = config.model
     if m.checkpoint and config.resolve_path(m.checkpoint).is_file():
         return load_model(config, data), ""

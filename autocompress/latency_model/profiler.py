@@ -20,11 +20,12 @@ it, so nothing is compared across moments and nothing rests on one sample:
 
 Realising a variant: the settings (its own and those of the searched layers that contain it) are applied with
 ``structure_only=True`` exactly as a trial applies them, minus calibration and training: kernels and shapes are a
-trial's, weight values do not change timings. Models are copied cheaply: only the changed blocks are deep-copied
-(the whole model under a global option). Each variant is first realised alone to read its module structure on its
-real input (captured with forward hooks; a pruned MLP feeds ``fc2`` fewer channels, a bf16 model feeds every layer
-bf16): variants equal to an already-timed one are not timed again, and a block congruent with an earlier one takes
-that block's ratios after one variant is checked to realise identically — what keeps a 12-block model cheap.
+trial's, weight values do not change timings. Models are copied cheaply (``copying.py``): only the changed blocks
+are deep-copied (the whole model under a global option). Each variant is first realised alone to read its module
+structure on its real input (captured with forward hooks; a pruned MLP feeds ``fc2`` fewer channels, a bf16 model
+feeds every layer bf16): variants equal to an already-timed one are not timed again, and a block congruent with an
+earlier one takes that block's ratios after one variant is checked to realise identically — what keeps a 12-block
+model cheap.
 
 A variant that changes its layer's output shape (a block that merges tokens) changes the work of every later layer;
 it is timed end to end instead, interleaved with the uncompressed model, and stored as a delta (a fraction of
@@ -48,6 +49,7 @@ from torch import nn
 
 from autocompress.compose import apply_policy
 from autocompress.costs import num_threads
+from autocompress.latency_model.copying import path_copy, path_copy_many
 from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, rename_layer, settings_key
 from autocompress.latency_model.table import LatencyTable
 from autocompress.policy import Policy
@@ -56,7 +58,7 @@ from autocompress.technique import ApplyContext, Technique
 
 #: each timed sample of a layer repeats the call until it lasts this long, so sub-millisecond layers time well
 MIN_SAMPLE_MS = 2.0
-#: variant rounds stop after this many once every ratio is stable (see _Session._rounds), else run Timing.rounds
+#: variant rounds stop after this many once every ratio is stable (see ProfileSession._rounds), else run Timing.rounds
 MIN_ROUNDS = 5
 #: stable: the per-round ratios' interquartile range within this fraction of their median
 STABLE_SPREAD = 0.08
@@ -129,7 +131,7 @@ def profile(
     model.eval()
     with torch.random.fork_rng(), num_threads(timing.threads), torch.inference_mode():
         globals_ = list(global_settings(space))
-        _classify_globals(table, model, techniques, globals_)
+        classify_globals(table, model, techniques, globals_)
         layout = Layout.of(space, table.neutral_options(globals_))
         stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
         tasks: list[tuple[str, tuple[Setting, ...]]] = []
@@ -147,8 +149,8 @@ def profile(
             stats.seconds = time.perf_counter() - started
             return layout, stats
 
-        session = _Session(model, example, layout, techniques, timing)
-        own, mirrored = _split_mirrored(tasks, layout, session.congruent_roots(), table)
+        session = ProfileSession(model, example, layout, techniques, timing)
+        own, mirrored = split_mirrored(tasks, layout, session.congruent_roots(), table)
         own.sort(key=lambda t: (session.context_of(*t), t[0]))  # one context's tasks together: one capture each
         chunks = [own[i : i + CHUNK] for i in range(0, len(own), CHUNK)]
         bar = tqdm(total=len(own) + len(mirrored) + timing.rounds * (len(chunks) + int(need_context)),
@@ -178,7 +180,7 @@ def profile(
     return layout, stats
 
 
-def _classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping[str, Technique],
+def classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping[str, Technique],
                       settings: list[Setting]) -> None:
     """Mark each global option value structural or neutral (no module, shape or dtype changes: costs nothing)."""
     todo = [s for s in settings if settings_key([s]) not in table.global_options]
@@ -193,12 +195,12 @@ def _classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping
             del realised
         except Exception as exc:  # cannot be realised alone: treat as structural, its variants will say why
             structural = True
-            table.global_options[settings_key([setting])] = {"structural": True, "how": _failed(exc)}
+            table.global_options[settings_key([setting])] = {"structural": True, "how": failure(exc)}
             continue
         table.global_options[settings_key([setting])] = {"structural": structural}
 
 
-def _split_mirrored(
+def split_mirrored(
     tasks: list[tuple[str, tuple[Setting, ...]]], layout: Layout, mirror: dict[str, str], table: LatencyTable,
 ) -> tuple[list[tuple[str, tuple[Setting, ...]]], list[tuple[str, tuple[Setting, ...], str, tuple[Setting, ...]]]]:
     """Tasks to profile, and tasks of congruent blocks to take from their representative block's entries
@@ -301,7 +303,7 @@ class Captured:
     out_shape: Any = None
 
 
-class _Session:
+class ProfileSession:
     """State of one profile run: captured inputs per context, and the ratios timed so far."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, layout: Layout, techniques: Mapping[str, Technique],
@@ -562,7 +564,7 @@ class _Session:
             realised = apply_policy(path_copy(self.model, root), Policy.from_params(dict(settings)), self.techniques,
                                     ApplyContext(structure_only=True), inplace=True)
         except Exception as exc:
-            return _Variant(name, key, how=_failed(exc))
+            return _Variant(name, key, how=failure(exc))
         try:
             unit = realised.get_submodule(name)
             separable = bool(identity_sig) and _shapes(unit(*io.args, **io.kwargs)) == io.out_shape
@@ -597,7 +599,7 @@ class _Session:
                     names = [root, *self.layout.descendants(root)]
                     cached = capture(realised, root, names, root_io.args, root_io.kwargs)
                 except Exception as exc:
-                    cached = _failed(exc)
+                    cached = failure(exc)
             self.contexts[(root, ctx_key)] = cached
             while len(self.contexts) > 2:
                 self.contexts.popitem(last=False)
@@ -669,23 +671,6 @@ def capture(model: nn.Module, root: str, names: list[str], args: tuple, kwargs: 
     return found
 
 
-def path_copy(model: nn.Module, subtree: str) -> nn.Module:
-    """A copy of ``model`` whose subtree ``subtree`` is deep-copied and whose modules on the path to it are
-    shallow-copied; everything else (modules and tensors) is shared. Applying a setting to that subtree leaves
-    ``model`` untouched, for a fraction of the cost of copying the whole model."""
-    if not subtree:
-        return copy.deepcopy(model)
-    root = _shallow(model)
-    parent = root
-    parts = subtree.split(".")
-    for i, part in enumerate(parts):
-        child = parent._modules[part]
-        new = copy.deepcopy(child) if i == len(parts) - 1 else _shallow(child)
-        parent._modules[part] = new
-        parent = new
-    return root
-
-
 def _residuals(p: "_Pass", roots: list[str]) -> list[float]:
     """Per round: the pass's total minus its top-level layers (what the residual is, measured in one pass)."""
     return [p.times[MODEL][r] - sum(p.times[n][r] for n in roots if n in p.times) for r in range(len(p.samples))]
@@ -714,36 +699,6 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     return True
 
 
-def path_copy_many(model: nn.Module, subtrees: list[str]) -> nn.Module:
-    """:func:`path_copy` for several disjoint subtrees at once."""
-    root = _shallow(model)
-    copied = {id(root)}
-    for subtree in subtrees:
-        parent = root
-        parts = subtree.split(".")
-        for i, part in enumerate(parts):
-            child = parent._modules[part]
-            if i == len(parts) - 1:
-                new = copy.deepcopy(child)
-            elif id(child) in copied:
-                new = child  # already copied for an earlier subtree
-            else:
-                new = _shallow(child)
-                copied.add(id(new))
-            parent._modules[part] = new
-            parent = new
-    return root
-
-
-def _shallow(module: nn.Module) -> nn.Module:
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    return new
-
-
 def structure_signature(module: nn.Module) -> str:
     """A digest of what decides a module's speed: module classes, scalar settings, hooks, tensor shapes, dtypes and
     layouts. Weight values are left out, so the same format of a same-shaped layer in two blocks has one signature.
@@ -764,7 +719,7 @@ def unit_signature(unit: nn.Module, args: tuple, kwargs: dict) -> str:
     return _digest(structure_signature(unit) + "|" + repr(_shapes(args)) + "|" + repr(_shapes(kwargs)))
 
 
-def _failed(exc: BaseException) -> str:
+def failure(exc: BaseException) -> str:
     return f"failed: {type(exc).__name__}: {exc}"[:200]
 
 

@@ -29,9 +29,10 @@ from torch import nn
 
 from autocompress.compose import apply_policy
 from autocompress.costs import measure_latency, num_threads, paired_ratio
+from autocompress.latency_model.copying import path_copy_many
 from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, rename_layer, settings_key
 from autocompress.latency_model.profiler import (
-    ProfileStats, Timing, _classify_globals, _failed, _Session, _split_mirrored, path_copy_many, structure_signature,
+    ProfileStats, Timing, classify_globals, failure, ProfileSession, split_mirrored, structure_signature,
 )
 from autocompress.latency_model.table import LatencyTable
 from autocompress.policy import Policy
@@ -66,7 +67,7 @@ def profile_in_runtime(
     model.eval()
     with torch.random.fork_rng(), num_threads(timing.threads), torch.inference_mode():
         globals_ = list(global_settings(space))
-        _classify_globals(table, model, techniques, globals_)
+        classify_globals(table, model, techniques, globals_)
         layout = Layout.of(space, table.neutral_options(globals_))
         stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
         tasks: list[tuple[str, tuple[Setting, ...]]] = []
@@ -83,9 +84,9 @@ def profile_in_runtime(
             table.save()
             stats.seconds = time.perf_counter() - started
             return layout, stats
-        session = _Session(model, example, layout, techniques, timing)
+        session = ProfileSession(model, example, layout, techniques, timing)
         mirror = session.congruent_roots()
-        own, mirrored = _split_mirrored(tasks, layout, mirror, table)
+        own, mirrored = split_mirrored(tasks, layout, mirror, table)
         timer = _WholeModels(model, example, layout, techniques, timing, runtime, plugins, mirror)
         bar = tqdm(total=len(own) + int(need_base), desc=f"profile in {runtime.name}", unit="variant",
                    disable=(None if progress is None else not progress), dynamic_ncols=True)
@@ -100,7 +101,7 @@ def profile_in_runtime(
                 try:
                     delta = timer.delta(name, settings)
                 except Exception as exc:  # the technique or the runtime cannot realise it: say so in the entry
-                    table.put(name, key, {"how": _failed(exc)})
+                    table.put(name, key, {"how": failure(exc)})
                     stats.failed += 1
                 else:
                     table.put(name, key, {"delta": round(delta, 6), "how": f"end to end in {runtime.name}"})
@@ -123,7 +124,7 @@ def profile_in_runtime(
     return layout, stats
 
 
-def _identity_entries(table: LatencyTable, session: _Session, timer: "_WholeModels", runtime: Runtime) -> None:
+def _identity_entries(table: LatencyTable, session: ProfileSession, timer: "_WholeModels", runtime: Runtime) -> None:
     """``base_ms``: the uncompressed model end to end in the runtime (lowest of three medians); each layer's
     identity: its in-context share of a torch eager pass times that."""
     scratch = LatencyTable(key={})

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autocompress import rundir
 from autocompress.io import atomic_write_bytes, atomic_write_text
 from autocompress.report.layers import LayerPicture, layer_picture
 from autocompress.report.page import render_page
 from autocompress.report.plots import Picture, best_so_far_figure, policy_figure, render, tradeoff_figure
 from autocompress.report.rundata import RunData, load_run
+from autocompress.rundir import RunDir
 
 __all__ = ["write_report", "load_run", "RunData", "LayerPicture", "layer_picture", "REPORT_FILE", "PLOTS_DIR"]
 
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
+REPORT_FILE = rundir.REPORT
+PLOTS_DIR = rundir.PLOTS
 
 #: figure id in the page -> PNG file name under plots/
 PLOT_FILES = {
@@ -50,7 +52,7 @@ def write_report(run_dir: str | Path) -> Path:
                         f"Trial {picture.trial if picture else '?'}: the setting of every searched layer, one panel "
                         "per technique knob; grey cells are left as in the uncompressed model."),
     }
-    plots = Path(run.run_dir) / PLOTS_DIR
+    plots = RunDir(run.run_dir).plots
     for fid, (fig, caption) in drawn.items():
         target = plots / PLOT_FILES[fid]
         if fig is None:
@@ -58,7 +60,7 @@ def write_report(run_dir: str | Path) -> Path:
             continue
         figures[fid] = render(fig, caption)
         atomic_write_bytes(target, figures[fid].png)
-    page = Path(run.run_dir) / REPORT_FILE
+    page = RunDir(run.run_dir).report
     atomic_write_text(page, render_page(run, figures, picture))
     return page
 

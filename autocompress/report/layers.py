@@ -2,9 +2,9 @@
 technique knob (``quantization.format``, ``lowrank.rank``, ``pruning.heads`` ...), one column per sub-layer.
 
 Everything is derived from the parameter column names (``<layer>:<technique>.<knob>``), so a third-party
-technique's knobs appear without the report knowing them. A value is "changed" when it differs from what the
-uncompressed baseline trial chose for the same parameter (its identity), or, without that trial, when the saved
-best policy lists it.
+technique's knobs appear without the report knowing them. A value is "changed" when it differs from the parameter's
+identity (saved in ``resolved_space.yaml``; for a run written before that, what the uncompressed baseline trial
+chose), or, without either, when the saved best policy lists it.
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def format_value(value: Any) -> str:
 
 
 def _identities(run: RunData) -> dict[str, Any]:
+    if run.identities is not None:
+        return {p.name: _plain(run.identities.get(p.name)) for p in run.params}
     base = run.uncompressed_row()
     if base is None:
         return {}

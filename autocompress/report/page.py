@@ -17,10 +17,12 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from autocompress import rundir
 from autocompress.report.layers import LayerPicture, format_value
 from autocompress.report.plots import UNITS, Picture
 from autocompress.report.rundata import RunData
 from autocompress.results import timing_drift
+from autocompress.rundir import RunDir
 
 TEMPLATE = "report.html.j2"
 OUTCOME_KINDS = ("within budget", "over budget", "stopped early", "failed")  # in the order the page counts them
@@ -41,7 +43,7 @@ def render_page(run: RunData, figures: dict[str, Picture], picture: LayerPicture
         finished=run.finished,
         progress=None if run.finished else {
             "trials": len(t), "planned": run.planned_trials,
-            "where": "read from the Optuna storage study.db" if run.source == "study.db" else "no finished trial yet"},
+            "where": f"read from the Optuna storage {rundir.STUDY}" if run.source == rundir.STUDY else "no finished trial yet"},
         best=_best(run),
         none_met=_none_met(run) if not run.feasible and (len(t) or run.finished) else None,
         drift=timing_drift(t, run.baseline.get("latency_ms", math.nan)),
@@ -153,7 +155,7 @@ def _policy(run: RunData, picture: LayerPicture | None) -> dict[str, Any] | None
                              "changed": cell.changed})
     return {"trial": picture.trial, "settings": settings,
             "options": [(key, format_value(cell.value)) for key, cell in picture.options.items()],
-            "file": "best_policy.yaml" if run.finished and (run.run_dir / "best_policy.yaml").is_file() else None}
+            "file": rundir.BEST_POLICY if run.finished and RunDir(run.run_dir).has(rundir.BEST_POLICY) else None}
 
 
 def _pareto_row(row: pd.Series, run: RunData) -> dict[str, Any]:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from autocompress import rundir
 from autocompress.budget import Budget
 from autocompress.errors import InputError
 from autocompress.policy import parse_param_name
 from autocompress.results import RECORD_COLUMNS, pareto_front, trials_frame
+from autocompress.rundir import RunDir
 
-RUN_FILES = ("trials.csv", "study.db", "config.yaml", "baseline.yaml")
 _TEXT_COLUMNS = ("state", "simulated", "origin", "baseline", "seed", "policy", "skipped", "error")
 
 
@@ -59,6 +59,8 @@ class RunData:
     phases: dict[str, float] = field(default_factory=dict)  # phases.yaml: what the run did, in seconds
     slow_choices: dict[str, float] = field(default_factory=dict)  # left out of the search on this CPU (screening)
     solver: pd.DataFrame | None = None  # solver.csv: the solver's seeds
+    #: parameter name -> the value that leaves its layer as it is (resolved_space.yaml; None for an older run)
+    identities: dict[str, Any] | None = None
 
     @property
     def metric(self) -> str:
@@ -87,47 +89,47 @@ def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(str(run_dir), "not a directory (give the run directory a search wrote, e.g. runs/demo)")
-    if not any((run_dir / name).exists() for name in RUN_FILES):
-        raise InputError(str(run_dir), f"no autocompress run here (none of {', '.join(RUN_FILES)})")
+    rd = RunDir(run_dir)
+    if not rd.holds_run():
+        raise InputError(str(run_dir), f"no autocompress run here (none of {', '.join(rundir.RUN_FILES)})")
     notes: list[str] = []
-    config = _read_yaml(run_dir / "config.yaml", notes) or {}
-    saved_baseline = _read_yaml(run_dir / "baseline.yaml", notes) or {}
+    config = rd.read_yaml(rundir.CONFIG, notes) or {}
+    saved_baseline = rd.read_yaml(rundir.BASELINE, notes) or {}
     baseline = {k: float(v) for k, v in saved_baseline.items() if isinstance(v, (int, float))}
     slow = saved_baseline.get("slow_choices") if isinstance(saved_baseline, dict) else None
-    phases = _read_yaml(run_dir / "phases.yaml", notes) if (run_dir / "phases.yaml").is_file() else None
-    solver = _read_csv(run_dir / "solver.csv", notes) if (run_dir / "solver.csv").is_file() else None
+    phases = rd.read_yaml(rundir.PHASES, notes)
+    solver = rd.read_csv(rundir.SOLVER, notes)
     budget = _budget(config, notes)
     limit = math.nan
     if budget is not None:
         if not budget.relative or {"latency_ms", "memory_mb"} <= set(baseline):
             limit = budget.limit(baseline.get("latency_ms", math.nan), baseline.get("memory_mb", math.nan))
 
-    csv_trials = _read_csv(run_dir / "trials.csv", notes)
-    study_rows, running = _study_rows(run_dir / "study.db", notes)
-    # the search writes trials.csv then pareto.csv when it ends (an interrupted one writes only trials.csv)
-    finished = (csv_trials is not None and (run_dir / "pareto.csv").is_file() and running == 0
+    csv_trials = rd.read_csv(rundir.TRIALS, notes)
+    study_rows, running = rd.read_study(notes)
+    finished = (csv_trials is not None and rd.is_finished() and running == 0
                 and (study_rows is None or len(study_rows) <= len(csv_trials)))
     if finished:
-        trials, source = _normalise(csv_trials), "trials.csv"
+        trials, source = _normalise(csv_trials), rundir.TRIALS
     elif study_rows is not None:
-        trials, source = _normalise(trials_frame(study_rows, baseline.get("latency_ms", math.nan))), "study.db"
+        trials, source = _normalise(trials_frame(study_rows, baseline.get("latency_ms", math.nan))), rundir.STUDY
     elif csv_trials is not None:
-        trials, source = _normalise(csv_trials), "trials.csv"
+        trials, source = _normalise(csv_trials), rundir.TRIALS
     else:
         trials, source = _normalise(pd.DataFrame(columns=RECORD_COLUMNS)), ""
 
-    pareto = _read_csv(run_dir / "pareto.csv", notes) if finished else None
+    pareto = rd.read_csv(rundir.PARETO, notes) if finished else None
     if pareto is None:
         pareto = pareto_front(trials, budget.metric) if budget is not None and len(trials) else trials.iloc[0:0]
     pareto = _normalise(pareto.reset_index(drop=True))
-    best_policy = _read_yaml(run_dir / "best_policy.yaml", notes) if finished else None
+    best_policy = rd.read_yaml(rundir.BEST_POLICY, notes) if finished else None
     return RunData(
         run_dir=run_dir, config=config, baseline=baseline, trials=trials, pareto=pareto,
         params=param_columns(trials.columns), best_policy=best_policy, budget=budget, limit=limit,
         finished=finished, source=source, notes=notes,
         phases={str(k): float(v) for k, v in (phases or {}).items() if isinstance(v, (int, float))},
         slow_choices={str(k): float(v) for k, v in (slow or {}).items() if isinstance(v, (int, float))},
-        solver=solver,
+        solver=solver, identities=rd.read_identities(notes),
     )
 
 
@@ -179,44 +181,3 @@ def _budget(config: dict[str, Any], notes: list[str]) -> Budget | None:
         notes.append(str(exc))
         return None
 
-
-def _read_yaml(path: Path, notes: list[str]) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        notes.append(f"{path.name} could not be read ({type(exc).__name__}); left out")
-        return None
-
-
-def _read_csv(path: Path, notes: list[str]) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame(columns=RECORD_COLUMNS)
-    except (OSError, ValueError) as exc:
-        notes.append(f"{path.name} could not be read ({exc}); left out")
-        return None
-
-
-def _study_rows(path: Path, notes: list[str]) -> tuple[list[dict[str, Any]] | None, int]:
-    """Finished trial rows in the Optuna storage and how many trials are running, or ``(None, 0)``."""
-    if not path.is_file():
-        return None, 0
-    try:
-        import optuna
-
-        from autocompress.search.optuna_backend import STUDY_NAME
-        from autocompress.search.optuna_search import rows_from_study
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{path.resolve()}")
-        running = sum(t.state.name == "RUNNING" and not t.user_attrs.get("interrupted")
-                      for t in study.get_trials(deepcopy=False))
-        return rows_from_study(study), running
-    except Exception as exc:  # a broken or foreign database must not stop the report
-        notes.append(f"study.db could not be read ({type(exc).__name__}: {exc})")
-        return None, 0

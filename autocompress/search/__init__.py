@@ -10,26 +10,23 @@ import copy
 import importlib
 import math
 import time
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
-from autocompress.compose import save_compressed
 from autocompress.config import RunConfig, config_from_dict, finalize_steps, load_config, validate
 from autocompress.data import Dataset
 from autocompress.errors import InputError, SearchInterrupted
 from autocompress.metric import ACCURACY, Metric
-from autocompress.io import atomic_write_csv, atomic_write_text
-from autocompress.policy import Policy, _yaml_where
+from autocompress.policy import Policy
 from autocompress.results import (
     SearchResult, closest_to_budget, params_of, pareto_front, summary_table, timing_drift, trials_frame,
 )
+from autocompress.rundir import BASELINE, STUDY_NAME, RunDir
 from autocompress.runner import Baseline, RunContext, prepare
 from autocompress.runtime import TORCH
 from autocompress.technique import Stage, TechniqueSettings
@@ -110,9 +107,7 @@ def search(
     run = prepare(config, plugins=plugins, model=model, data=data, baseline=baseline, log=log, metric=metric)
 
     try:  # nothing is written before every input has been checked
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        atomic_write_text(run_dir / "baseline.yaml", yaml.safe_dump(run.baseline.to_dict(), sort_keys=False))
+        RunDir(run_dir).write_start(config.to_dict(), run.baseline.to_dict(), run.space)
     except OSError as exc:
         raise InputError("out", f"cannot write the run directory {run_dir} ({exc.strerror or exc})") from None
 
@@ -124,7 +119,7 @@ def search(
     try:
         rows = backend_run(run, run_dir, resume, progress=progress, log=log, **(backend_options or {}))
     except SearchInterrupted as exc:  # Ctrl-C: keep what finished, then stop
-        atomic_write_csv(run_dir / "trials.csv", trials_frame(exc.rows, run.baseline.latency_ms))
+        RunDir(run_dir).write_trials(trials_frame(exc.rows, run.baseline.latency_ms))
         raise
     run.phases["trials"] = time.perf_counter() - started
     return finish_run(run, rows, run_dir, log=log)
@@ -145,16 +140,15 @@ def _plan(run: RunContext, run_dir: Path, progress: bool, log: Callable[[str], N
 def _study_started(run_dir: Path, storage: str | None) -> bool:
     """Whether the run's study already exists with its first trials queued (a resumed run, or a shared study another
     worker created): then nothing is planned again."""
-    from autocompress.search.optuna_backend import STUDY_NAME
     from autocompress.search.storage import study_user_attrs
 
     if storage is not None:
         return "baseline" in (study_user_attrs(storage, STUDY_NAME) or {})
-    if not (run_dir / "study.db").is_file():
+    if not RunDir(run_dir).study.is_file():
         return False
     import optuna
 
-    local = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}")
+    local = optuna.storages.RDBStorage(RunDir(run_dir).study_url)
     try:
         return "baseline" in local.get_study_user_attrs(local.get_study_id_from_name(STUDY_NAME))
     except KeyError:
@@ -220,23 +214,15 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
         limit=run.limit, metric=metric, run_dir=run_dir, closest=closest,
     )
     if run_dir is not None:
-        atomic_write_csv(run_dir / "trials.csv", frame)
-        atomic_write_csv(run_dir / "pareto.csv", front)
-        atomic_write_text(run_dir / "baseline.yaml", yaml.safe_dump(baseline, sort_keys=False))
-        if best_policy is not None:
-            atomic_write_text(run_dir / "best_policy.yaml", best_policy.to_yaml())
-            if run.rebuildable:
-                save_compressed(run_dir / "best_model.pt", best_model, best_policy, run.config.model.name,
-                                run.config.model.kwargs)
-        elif (run_dir / "best_policy.yaml").exists():
-            os.unlink(run_dir / "best_policy.yaml")
+        RunDir(run_dir).write_results(frame, front, baseline, best_policy)
+        if best_policy is not None and run.rebuildable:
+            RunDir(run_dir).write_best_model(best_model, best_policy, run.config.model.name, run.config.model.kwargs)
     log(summary_table(result))
     if phases:
         log("phases: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items()))
     if run_dir is not None:
         if phases:
-            atomic_write_text(run_dir / "phases.yaml", yaml.safe_dump(
-                {name: round(seconds, 1) for name, seconds in phases.items()}, sort_keys=False))
+            RunDir(run_dir).write_phases(phases)
         _write_report(run_dir, log)
     return result
 
@@ -308,8 +294,8 @@ def _as_config(config: RunConfig | str | Path | dict | None) -> RunConfig:
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
     if resume:
-        if not (run_dir / "baseline.yaml").is_file():
-            raise InputError("out", f"nothing to resume in {run_dir} (no baseline.yaml)")
+        if not RunDir(run_dir).has(BASELINE):
+            raise InputError("out", f"nothing to resume in {run_dir} (no {BASELINE})")
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError("out", f"{run_dir} is a file, not a run directory")
@@ -335,13 +321,9 @@ def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
 
     The budget and space are the run's own: unless given again explicitly (``given``), they are taken from it.
     """
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except FileNotFoundError:
+    saved = RunDir(run_dir).saved_config()
+    if saved is None:
         return
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
-        raise InputError(str(run_dir / "config.yaml"), f"cannot read the saved config ({why})") from None
     for key in ("budget", "space"):
         if key not in given and isinstance((saved or {}).get(key), str):
             setattr(config, key, saved[key])
@@ -360,7 +342,6 @@ def _check_same_run(config: RunConfig, run_dir: Path, given: set[str]) -> None:
 
 
 def _shared_baseline(storage: str) -> dict[str, Any] | None:
-    from autocompress.search.optuna_backend import STUDY_NAME
     from autocompress.search.storage import study_user_attrs
 
     base = (study_user_attrs(storage, STUDY_NAME) or {}).get("baseline")
@@ -368,10 +349,4 @@ def _shared_baseline(storage: str) -> dict[str, Any] | None:
 
 
 def _saved_baseline(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "baseline.yaml"
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        return Baseline.from_dict(data).to_dict()
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        why = _yaml_where(exc) if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__}: {exc}"
-        raise InputError(str(path), f"cannot read the saved baseline ({why})") from None
+    return RunDir(run_dir).saved_baseline(lambda data: Baseline.from_dict(data).to_dict())

@@ -14,11 +14,11 @@ from optuna.trial import TrialState
 
 from autocompress.config import SearchConfig, measured_baselines
 from autocompress.errors import InputError
+from autocompress.rundir import STUDY_NAME
 from autocompress.runner import RunContext, TrialReport, evaluate_params, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
 from autocompress.search.storage import interruptible
 
-STUDY_NAME = "autocompress"
 #: what an enqueued trial carries into its record: the baseline's label, where it came from, the solver's label
 QUEUED_ATTRS = ("baseline", "origin", "seed")
 _STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}

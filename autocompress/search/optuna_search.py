@@ -10,8 +10,9 @@ import optuna
 from tqdm.auto import tqdm
 
 from autocompress.errors import SearchInterrupted
+from autocompress.rundir import STUDY_NAME, RunDir, rows_from_study
 from autocompress.runner import RunContext
-from autocompress.search.optuna_backend import STUDY_NAME, mark_interrupted, run_optuna
+from autocompress.search.optuna_backend import mark_interrupted, run_optuna
 from autocompress.search.storage import ctrl_c_in_trials_only, local_storage
 
 
@@ -44,7 +45,7 @@ def run(
             log(f"warning: autocompress_trial_completed hook failed: {type(exc).__name__}: {exc}")
 
     # One storage for the whole run, closed once at the end, after the interrupted path has read it too.
-    storage = local_storage(run_dir / "study.db")
+    storage = local_storage(RunDir(run_dir).study)
     try:
         try:
             with ctrl_c_in_trials_only():
@@ -63,18 +64,3 @@ def run(
         bar.close()
         storage.close()
 
-
-def rows_from_study(study) -> list[dict[str, Any]]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("interrupted") or t.user_attrs.get("surplus") or t.state.name in ("RUNNING", "WAITING"):
-            continue
-        row = {k: v for k, v in t.user_attrs.items() if k not in ("interrupted",)}
-        row["number"] = t.number
-        row["state"] = t.state.name
-        for key in ("val_accuracy", "latency_ms", "memory_mb"):
-            if row.get(key) is None:
-                row[key] = math.nan
-        row.update(t.params)
-        rows.append(row)
-    return rows

@@ -35,11 +35,11 @@ import optuna
 from optuna.trial import TrialState
 
 from autocompress.errors import InputError, SearchInterrupted
+from autocompress.rundir import STUDY_NAME, RunDir, rows_from_study
 from autocompress.runner import RunContext
 from autocompress.search.optuna_backend import (
-    STUDY_NAME, make_sampler, open_study, start_or_recover,
+    make_sampler, open_study, start_or_recover,
 )
-from autocompress.search.optuna_search import rows_from_study
 from autocompress.search.progress import TrialProgress
 from autocompress.search.ray_worker import WorkerSpec, tune_trial
 from autocompress.search.shared_study import counted_trials, quota_reached
@@ -66,7 +66,7 @@ def run(
     from autocompress.search import ray_search
 
     run_dir = run_dir.resolve()
-    study = _open_study(run, storage or f"sqlite:///{run_dir / 'study.db'}", resume)
+    study = _open_study(run, storage or RunDir(run_dir).study_url, resume)
     total = run.config.search.trials
     cpus = float(cpus_per_trial or run.config.target.threads)
     started_ray = connect(address, num_cpus, log)
@@ -185,7 +185,7 @@ def _tuner(run: RunContext, run_dir: Path, resume: bool, cpus: float, slots: int
     from autocompress.search.ray_search import StudySearcher, make_scheduler
 
     trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=worker_spec(run)), {"cpu": cpus})
-    root = run_dir / "ray"
+    root = RunDir(run_dir).ray
     if resume and tune.Tuner.can_restore(str(root / EXPERIMENT)):
         try:
             tuner = tune.Tuner.restore(str(root / EXPERIMENT), trainable=trainable, resume_unfinished=False,

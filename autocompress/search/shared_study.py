@@ -28,9 +28,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autocompress.errors import InputError, SearchInterrupted
+from autocompress.rundir import STUDY_NAME, rows_from_study
 from autocompress.runner import Baseline, RunContext
 from autocompress.search.optuna_backend import (
-    QUEUED_ATTRS, STUDY_NAME, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_followups, fail_interrupted,
+    QUEUED_ATTRS, _quiet_failed_trial_warnings, _TrialFailed, enqueue_baselines, enqueue_followups, fail_interrupted,
     make_objective, make_pruner, make_sampler,
 )
 from autocompress.search.progress import TrialProgress
@@ -143,7 +144,6 @@ def run_shared(
 
 
 def _work_on(run: RunContext, study: optuna.Study, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from autocompress.search.optuna_search import rows_from_study
 
     total = run.config.search.trials
     listener = TrialProgress(run, total, progress, log, done=len(counted_trials(study)))
