@@ -37,10 +37,11 @@ class Budget:
     @classmethod
     def parse(cls, text: str, field: str = "budget", costs: Mapping[str, Cost] | None = None) -> "Budget":
         """``costs``: the registered costs by name (``Plugins.costs``); None: the builtin latency and memory."""
-        if costs is None:
-            from autocompress.builtins import BUILTIN_COSTS as costs
+        from autocompress.builtins import BUILTIN_COSTS
+
+        costs = BUILTIN_COSTS if costs is None else costs
         words = {**{c.column: c for c in costs.values()}, **{c.name: c for c in costs.values()}}
-        budgets = [cls._parse_one(part, field, words) for part in cls.read(text, field)]
+        budgets = [cls._parse_one(part, field, words, BUILTIN_COSTS) for part in cls.read(text, field)]
         metrics = [b.metric for b in budgets]
         repeated = [b.cost.name for b in budgets if metrics.count(b.metric) > 1]
         if repeated:
@@ -65,11 +66,12 @@ class Budget:
         return out
 
     @classmethod
-    def _parse_one(cls, part: tuple[str, float, bool], field: str, words: Mapping[str, Cost]) -> "Budget":
+    def _parse_one(cls, part: tuple[str, float, bool], field: str, words: Mapping[str, Cost],
+                   builtin: Mapping[str, Cost]) -> "Budget":
         word, value, x = part
         cost = words.get(word)
-        if cost is None:
-            known = ", ".join(sorted(words, key=lambda w: (w not in ("latency", "latency_ms", "memory", "memory_mb"), w)))
+        if cost is None:  # the builtin words first, as the message has always listed them
+            known = ", ".join(sorted(words, key=lambda w: (words[w] not in builtin.values(), w)))
             raise InputError(field, f"unknown budget {word!r} ({known})")
         by_name, by_column = word == cost.name, word == cost.column
         if x and not cost.relative:
