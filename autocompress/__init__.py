@@ -17,6 +17,7 @@ from torch import nn
 from autocompress.budget import Budget
 from autocompress.compose import apply_policy, load_compressed, save_compressed
 from autocompress.config import RunConfig, load_config
+from autocompress.cost_kinds import Cost
 from autocompress.costs import measure_latency, memory_mb, weight_bytes
 from autocompress.errors import AutocompressError, InputError, TechniqueError
 from autocompress.export import ExportResult, export
@@ -36,7 +37,7 @@ from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSett
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApplyContext", "AutocompressError", "Budget", "ExportResult", "InputError", "Metric", "Plugins", "Policy",
+    "ApplyContext", "AutocompressError", "Budget", "Cost", "ExportResult", "InputError", "Metric", "Plugins", "Policy",
     "RunConfig", "TrialRecord",
     "SearchResult", "SearchSpace", "Stage", "Technique", "TechniqueError", "TechniqueSettings", "TrialStopped", "apply",
     "export", "hookimpl", "load_compressed", "load_config", "load_plugins", "measure_latency", "memory_mb",

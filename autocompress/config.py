@@ -98,6 +98,9 @@ class SearchConfig:
     # latency budgets: choices measured slower than the uncompressed model on this machine (bf16 on a CPU with AVX2
     # alone) are left out of the search and logged; true keeps them (see autocompress/screening.py)
     keep_slow_choices: bool = False
+    # the score maximized on the validation split, by name: accuracy (builtin) or a metric a plugin registers
+    # (autocompress_register_metrics); a function given to autocompress.search(metric=...) takes its place
+    metric: str = "accuracy"
 
 
 def measured_baselines(search: SearchConfig) -> bool:
@@ -296,6 +299,7 @@ def validate(config: RunConfig) -> None:
         raise InputError(f"{src}.data.kind", f"unknown data kind {config.data.kind!r} (fashion_mnist, image_folder)")
     from autocompress.budget import Budget  # local: budget parsing owns its messages
 
-    Budget.parse(config.budget, field=f"{src}.budget")
+    # its form only: which words name a cost is known once the plugins are loaded (runner.prepare parses it)
+    Budget.read(config.budget, field=f"{src}.budget")
 
 

@@ -14,7 +14,9 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
+    from autocompress.cost_kinds import Cost
     from autocompress.export import ExportPlan
+    from autocompress.metric import Metric
     from autocompress.runtime import Runtime
     from autocompress.technique import Technique
 
@@ -45,6 +47,27 @@ def autocompress_register_runtimes(register: Callable[["Runtime"], None]) -> Non
     ``prepare(model, example, threads, plugins)``, which returns a callable running one forward pass of ``example``
     in the runtime. A search then times every candidate through it, paired with the uncompressed model prepared the
     same way. ``torch`` (eager) is the core's; names must be unique across all plugins.
+    """
+
+
+@hookspec
+def autocompress_register_costs(register: Callable[["Cost"], None]) -> None:
+    """Register costs a budget can limit by calling ``register(cost)`` once per cost.
+
+    A cost is an :class:`autocompress.cost_kinds.Cost`: its ``name`` (the budget word of a relative limit,
+    ``params=0.5x``), its ``column`` (the trial record's column and the word of an absolute limit), its unit and
+    ``measure(model, run)``, its value on a compressed model. Latency and memory are registered this way by the core.
+    Names and columns must be unique across all plugins; a taken one raises an error naming both plugins.
+    """
+
+
+@hookspec
+def autocompress_register_metrics(register: Callable[["Metric"], None]) -> None:
+    """Register validation metrics by calling ``register(metric)`` once per metric.
+
+    A metric is an :class:`autocompress.metric.Metric` (``name``, ``fn(model, split) -> float``, higher is better);
+    a run chooses one by name with ``search.metric`` (default ``accuracy``, registered by the core). Names must be
+    unique across all plugins; a taken one raises an error naming both plugins.
     """
 
 

@@ -1,4 +1,5 @@
-"""Loads technique plugins from the ``autocompress`` entry-point group and owns the technique registry.
+"""Loads plugins from the ``autocompress`` entry-point group and owns the registries their registration hooks
+fill: techniques, costs (what a budget limits) and metrics (what the search maximizes).
 
 Builtin techniques are found exactly like third-party ones. A plugin can be blocked by name (``block=``, the CLI's
 ``--block-plugin NAME`` or the ``AUTOCOMPRESS_BLOCK_PLUGINS`` variable, comma-separated), third-party autoload can be
@@ -25,12 +26,14 @@ import os
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
 
-from autocompress import hookspecs
-from autocompress.runtime import TORCH, Runtime
+from autocompress import builtins, hookspecs
+from autocompress.cost_kinds import Cost, check_cost
+from autocompress.metric import Metric
+from autocompress.runtime import Runtime
 from autocompress.technique import Stage, Technique
 
 ENTRY_POINT_GROUP = "autocompress"
@@ -40,7 +43,8 @@ BUILTIN_DISTRIBUTIONS = frozenset({"autocompress"})
 HOOK_PREFIX = "autocompress_"
 IN_CODE = "(registered in code)"
 #: hooks whose failure must stop the caller (not notifications): called through their own per-plugin guard
-CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_register_runtimes",
+CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_register_costs",
+                                "autocompress_register_metrics", "autocompress_register_runtimes",
                                 "autocompress_prepare_export"})
 
 
@@ -56,7 +60,9 @@ class PluginInfo:
     techniques: tuple[str, ...] = ()
     error: str | None = None  # why it failed to load, if it did (one line)
     skipped: str | None = None  # why it was not loaded on purpose: "blocked", "autoload disabled"
-    runtimes: tuple[str, ...] = ()  # the runtimes it registered
+    costs: tuple[str, ...] = ()  # names of the costs it registered
+    metrics: tuple[str, ...] = ()  # names of the metrics it registered
+    runtimes: tuple[str, ...] = ()  # names of the runtimes it registered
 
     @property
     def status(self) -> str:
@@ -67,15 +73,20 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    """The loaded plugins and the techniques they registered."""
+    """The loaded plugins and the techniques, costs and metrics they registered (the core's own costs and metric
+    under the plugin name ``autocompress``, see autocompress/builtins.py)."""
 
     manager: pluggy.PluginManager
     techniques: dict[str, Technique] = field(default_factory=dict)
     info: list[PluginInfo] = field(default_factory=list)
     owners: dict[str, str] = field(default_factory=dict)  # technique name -> plugin name
+    costs: dict[str, Cost] = field(default_factory=dict)  # by name; a budget finds them by name or column
+    cost_owners: dict[str, str] = field(default_factory=dict)  # cost name -> plugin name
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    metric_owners: dict[str, str] = field(default_factory=dict)  # metric name -> plugin name
     #: where models run and are timed (autocompress/runtime.py): torch eager is the core's, others come from plugins
-    runtimes: dict[str, Runtime] = field(default_factory=lambda: {TORCH.name: TORCH})
-    runtime_owners: dict[str, str] = field(default_factory=lambda: {TORCH.name: "autocompress"})
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+    runtime_owners: dict[str, str] = field(default_factory=dict)  # runtime name -> plugin name
     hook_errors: list[str] = field(default_factory=list)  # "plugin 'x' failed in autocompress_...: ..."
 
     @property
@@ -124,6 +135,7 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra:
         autoload = autoload_enabled()
     pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    pm.register(builtins, name=builtins.PLUGIN_NAME)  # the core's costs and metric; first, so they keep their names
     # (name, distribution, version, plugin object or None, error, skipped)
     infos: list[list] = []
     providers: dict[str, str] = {}  # plugin name -> distribution that provides it
@@ -166,23 +178,23 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra:
     _drop_invalid(pm, infos)
 
     registry = Plugins(manager=pm)
-    impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_techniques.get_hookimpls()}
-    runtime_impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_runtimes.get_hookimpls()}
+    impls: dict[str, dict[str, pluggy.HookImpl]] = {}  # plugin name -> registration hook -> its implementation
+    for hook in REGISTRATIONS:
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            impls.setdefault(impl.plugin_name, {})[hook] = impl
+    error = _register(impls.pop(builtins.PLUGIN_NAME, {}), registry, {})
+    if error is not None:
+        raise RuntimeError(f"the builtin costs and metrics could not be registered: {error}")
     for name, dist, version, _plugin, error, skipped in infos:
-        registered: list[str] = []
-        runtimes: list[str] = []
+        registered: dict[str, list[str]] = {}
         if error is None and skipped is None and name in impls:
-            error = _register_techniques(impls[name], registry, registered)
-        if error is None and skipped is None and name in runtime_impls:
-            error = _register_runtimes(runtime_impls[name], registry, runtimes)
-        if error is not None and skipped is None and (name in impls or name in runtime_impls):
-            for tech in registered:  # half a plugin is worse than none: its other hooks go too
-                registry.techniques.pop(tech, None)
-                registry.owners.pop(tech, None)
-            registered.clear()
-            if pm.get_plugin(name) is not None:
+            error = _register(impls[name], registry, registered)
+            if error is not None:  # half a plugin is worse than none: its other hooks go too
                 pm.unregister(name=name)
-        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error, skipped, tuple(runtimes)))
+        registry.info.append(PluginInfo(name, dist, version, tuple(registered.get("techniques", ())), error, skipped,
+                                        costs=tuple(registered.get("costs", ())),
+                                        metrics=tuple(registered.get("metrics", ())),
+                                        runtimes=tuple(registered.get("runtimes", ()))))
     _isolate_notifications(pm, registry)
     return registry
 
@@ -228,53 +240,82 @@ def _drop_invalid(pm: pluggy.PluginManager, infos: list[list]) -> None:
                     row[3], row[4] = None, f"invalid hook: {_one_line(exc)}"
 
 
-def _register_techniques(impl: pluggy.HookImpl, registry: Plugins, registered: list[str]) -> str | None:
-    """Call one plugin's register hook, so a failure is attributed to that plugin alone."""
+def _check_technique(technique: Any, registry: "Plugins") -> None:
+    if not isinstance(technique, Technique):
+        raise TypeError(f"register() takes a Technique, got {type(technique).__name__}")
+    if not isinstance(getattr(technique, "stage", None), Stage):
+        raise TypeError(f"technique {technique.name!r} has no valid stage")
+    _check_free("technique", technique.name, registry.techniques, registry.owners)
 
-    def register(technique: Technique) -> None:
-        if not isinstance(technique, Technique):
-            raise TypeError(f"register() takes a Technique, got {type(technique).__name__}")
-        if not isinstance(getattr(technique, "stage", None), Stage):
-            raise TypeError(f"technique {technique.name!r} has no valid stage")
-        if technique.name in registry.techniques:
-            owner = registry.owners[technique.name]
-            raise ValueError(f"technique {technique.name!r} is already registered by plugin {owner!r}")
-        registry.techniques[technique.name] = technique
-        registry.owners[technique.name] = impl.plugin_name
-        registered.append(technique.name)
 
+def _check_cost(cost: Any, registry: "Plugins") -> None:
+    check_cost(cost)
+    # a name or column is a budget word either way (latency=0.5x, latency_ms=12): neither may be taken by another
+    words = {w: c.name for c in registry.costs.values() for w in (c.name, c.column)}
+    for word in dict.fromkeys((cost.name, cost.column)):
+        if word in words:
+            owner = registry.cost_owners[words[word]]
+            raise ValueError(f"cost {word!r} is already registered by plugin {owner!r}")
+
+
+def _check_metric(metric: Any, registry: "Plugins") -> None:
+    if not isinstance(metric, Metric) or not callable(metric.fn):
+        raise TypeError(f"register() takes a Metric, got {type(metric).__name__}")
+    _check_free("metric", metric.name, registry.metrics, registry.metric_owners)
+
+
+def _check_runtime(runtime: Any, registry: "Plugins") -> None:
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"register() takes an autocompress.runtime.Runtime, got {type(runtime).__name__}")
+    if not runtime.name:
+        raise ValueError(f"runtime {type(runtime).__name__} has no name")
+    _check_free("runtime", runtime.name, registry.runtimes, registry.runtime_owners)
+
+
+def _check_free(noun: str, name: str, taken: dict, owners: dict[str, str]) -> None:
+    if name in taken:
+        raise ValueError(f"{noun} {name!r} is already registered by plugin {owners[name]!r}")
+
+
+@dataclass(frozen=True)
+class _Registration:
+    """One registration hook: where what it registers is kept in :class:`Plugins`, and how it is checked."""
+
+    items: str  # the Plugins attribute, name -> object
+    owners: str  # the Plugins attribute, name -> plugin name
+    check: Callable[[Any, "Plugins"], None]  # raises TypeError/ValueError for an object that cannot be registered
+
+
+REGISTRATIONS = {
+    "autocompress_register_techniques": _Registration("techniques", "owners", _check_technique),
+    "autocompress_register_costs": _Registration("costs", "cost_owners", _check_cost),
+    "autocompress_register_metrics": _Registration("metrics", "metric_owners", _check_metric),
+    "autocompress_register_runtimes": _Registration("runtimes", "runtime_owners", _check_runtime),
+}
+
+
+def _register(impls: dict[str, pluggy.HookImpl], registry: Plugins, registered: dict[str, list[str]]) -> str | None:
+    """Call one plugin's registration hooks, so a failure is attributed to that plugin alone; ``registered`` gets
+    the names it registered, per Plugins attribute. On failure everything it registered is taken back."""
     try:
-        impl.function(**{arg: register for arg in impl.argnames})
+        for hook, impl in impls.items():
+            kind = REGISTRATIONS[hook]
+            items, owners = getattr(registry, kind.items), getattr(registry, kind.owners)
+
+            def register(obj: Any, kind: _Registration = kind, items: dict = items, owners: dict = owners,
+                         plugin: str = impl.plugin_name) -> None:
+                kind.check(obj, registry)
+                items[obj.name] = obj
+                owners[obj.name] = plugin
+                registered.setdefault(kind.items, []).append(obj.name)
+
+            impl.function(**{arg: register for arg in impl.argnames})
     except Exception as exc:
-        for tech in registered:
-            registry.techniques.pop(tech, None)
-            registry.owners.pop(tech, None)
-        registered.clear()
-        return f"failed to register: {_one_line(exc)}"
-    return None
-
-
-def _register_runtimes(impl: pluggy.HookImpl, registry: Plugins, registered: list[str]) -> str | None:
-    """Call one plugin's runtime registration hook; a failure is that plugin's alone (its runtimes are dropped)."""
-
-    def register(runtime: Runtime) -> None:
-        if not isinstance(runtime, Runtime):
-            raise TypeError(f"register() takes an autocompress.runtime.Runtime, got {type(runtime).__name__}")
-        if not runtime.name:
-            raise ValueError(f"runtime {type(runtime).__name__} has no name")
-        if runtime.name in registry.runtimes:
-            owner = registry.runtime_owners[runtime.name]
-            raise ValueError(f"runtime {runtime.name!r} is already registered by {owner!r}")
-        registry.runtimes[runtime.name] = runtime
-        registry.runtime_owners[runtime.name] = impl.plugin_name
-        registered.append(runtime.name)
-
-    try:
-        impl.function(**{arg: register for arg in impl.argnames})
-    except Exception as exc:
-        for name in registered:
-            registry.runtimes.pop(name, None)
-            registry.runtime_owners.pop(name, None)
+        for attr, names in registered.items():
+            kind = next(k for k in REGISTRATIONS.values() if k.items == attr)
+            for name in names:
+                getattr(registry, kind.items).pop(name, None)
+                getattr(registry, kind.owners).pop(name, None)
         registered.clear()
         return f"failed to register: {_one_line(exc)}"
     return None

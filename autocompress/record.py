@@ -6,6 +6,10 @@ in by the runner), so no path can leave a field out: the columns of ``trials.csv
 the derived ``speedup``, see :data:`COLUMNS`), whichever backend ran the trial. It travels as a plain dict
 (:meth:`to_dict`) where a library needs one (Ray's JSON result, Optuna's user attributes, the
 ``autocompress_trial_completed`` hook).
+
+The builtin costs have their own fields (``latency_ms``, ``memory_mb``); a plugin's cost
+(:class:`autocompress.cost_kinds.Cost`) is kept in ``costs`` by its column and flattened into that column by
+:meth:`to_dict`, so it lands in ``trials.csv`` like the builtin ones.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["COLUMNS", "TrialRecord"]
+__all__ = ["COLUMNS", "COST_FIELDS", "TrialRecord"]
 
 NAN = math.nan
 
@@ -39,6 +43,7 @@ class TrialRecord:
     error: str = ""  # why it failed
     progress: str = ""  # intermediate validation probes, "25:0.71 50:0.74"
     node: str = ""  # where it ran (Ray)
+    costs: dict[str, float] = dataclasses.field(default_factory=dict)  # a plugin cost's column -> its value
 
     @classmethod
     def failed(cls, number: int, error: str, **fields: Any) -> "TrialRecord":
@@ -49,20 +54,35 @@ class TrialRecord:
         """Stopped early (multi-fidelity): PRUNED, with the reason in ``skipped``."""
         return cls(number, state="PRUNED", skipped=why, **fields)
 
-    def cost(self, metric: str) -> float:
-        """The budgeted cost (``latency_ms`` or ``memory_mb``)."""
-        return float(getattr(self, metric))
+    def cost(self, column: str) -> float:
+        """A measured cost by its column (``latency_ms``, ``memory_mb``, a plugin's); NaN when not measured."""
+        if column in COST_FIELDS:
+            return float(getattr(self, column))
+        return float(self.costs.get(column, NAN))
+
+    def set_cost(self, column: str, value: float) -> None:
+        if column in COST_FIELDS:
+            setattr(self, column, float(value))
+        else:
+            self.costs[column] = float(value)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.update(data.pop("costs"))
+        return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrialRecord":
-        """From :meth:`to_dict` (unknown keys are ignored: a record read back from an older run still loads)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: Mapping[str, Any], costs: tuple[str, ...] = ()) -> "TrialRecord":
+        """From :meth:`to_dict`; ``costs``: the plugin cost columns to take back into ``costs`` (other unknown keys
+        are ignored: a record read back from an older run still loads)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"costs"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   costs={c: float(data[c]) for c in costs if c in data})
 
 
+#: the record's fields that hold a builtin cost; a plugin's cost goes into ``TrialRecord.costs``
+COST_FIELDS = ("latency_ms", "memory_mb")
 #: the columns of trials.csv before the search parameters: the record's fields, ``speedup`` derived after memory
-COLUMNS = [f.name for f in dataclasses.fields(TrialRecord)]
+#: (a plugin cost's column follows them, see autocompress.results.trials_frame)
+COLUMNS = [f.name for f in dataclasses.fields(TrialRecord) if f.name != "costs"]
 COLUMNS.insert(COLUMNS.index("memory_mb") + 1, "speedup")

@@ -26,10 +26,17 @@ class SearchResult:
     baseline: dict[str, float]
     budget: str
     limit: float
-    metric: str
+    metric: str  # the budgeted cost's column (latency_ms, memory_mb, a plugin cost's)
     run_dir: Path | None = None
     #: when no trial met the budget: the closest ones, with validation accuracy measured for them (else None)
     closest: pd.DataFrame | None = None
+    unit: str = ""  # of the budgeted cost ("ms"); "" for a result made before costs had units: taken from the column
+
+    @property
+    def score_name(self) -> str:
+        """The metric the search maximized (``accuracy`` unless another was chosen); the ``val_accuracy`` and
+        ``test_accuracy`` columns hold it whatever it is."""
+        return str(self.baseline.get("metric") or "accuracy")
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -67,7 +74,14 @@ def timing_drift(frame: pd.DataFrame, baseline_latency_ms: float) -> str | None:
             "(run on a quiet machine; see README 'When things go wrong')")
 
 
+def is_param_column(name: Any) -> bool:
+    """Whether a trials.csv column is a search parameter (``<layer>:<technique>.<knob>`` or ``<technique>.<knob>``),
+    not a record field nor a plugin cost's column (a cost column has no dot, see autocompress.cost_kinds)."""
+    return name not in RECORD_COLUMNS and "." in str(name)
+
+
 def trials_frame(rows: Iterable[dict[str, Any]], baseline_latency_ms: float) -> pd.DataFrame:
+    """The rows as trials.csv: the record's columns, then the plugins' cost columns, then the search parameters."""
     frame = pd.DataFrame(list(rows))
     for col in RECORD_COLUMNS:
         if col not in frame.columns:
@@ -76,8 +90,9 @@ def trials_frame(rows: Iterable[dict[str, Any]], baseline_latency_ms: float) -> 
         frame["speedup"] = baseline_latency_ms / pd.to_numeric(frame["latency_ms"], errors="coerce")
         frame["feasible"] = frame["feasible"].fillna(False).astype(bool)
         frame = frame.sort_values("number", kind="stable").reset_index(drop=True)
-    params = sorted(c for c in frame.columns if c not in RECORD_COLUMNS)
-    return frame[RECORD_COLUMNS + params]
+    costs = [c for c in frame.columns if c not in RECORD_COLUMNS and not is_param_column(c)]
+    params = sorted(c for c in frame.columns if is_param_column(c))
+    return frame[RECORD_COLUMNS + costs + params]
 
 
 def pareto_front(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -105,7 +120,7 @@ def pareto_front(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 def params_of(row: dict[str, Any], frame_columns: Iterable[str]) -> dict[str, Any]:
     out = {}
     for col in frame_columns:
-        if col in RECORD_COLUMNS:
+        if not is_param_column(col):
             continue
         value = row.get(col)
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -117,22 +132,27 @@ def params_of(row: dict[str, Any], frame_columns: Iterable[str]) -> dict[str, An
 def summary_table(result: SearchResult, limit_rows: int = 8) -> str:
     """A plain-text table of the Pareto set, for the end of a search."""
     base = result.baseline
+    acc = _short(result.score_name)
+    plugin_costs = "".join(f", {column} {value:.4g}" for column, value in (base.get("costs") or {}).items())
     lines = [
         f"budget {result.budget}: {result.metric} <= {result.limit:.3f}  "
-        f"(uncompressed: {base['latency_ms']:.2f} ms, {base['memory_mb']:.3f} MB, val acc {base['val_accuracy']:.4f}"
-        + (f", test acc {base['test_accuracy']:.4f}" if "test_accuracy" in base else "")
+        f"(uncompressed: {base['latency_ms']:.2f} ms, {base['memory_mb']:.3f} MB{plugin_costs}, "
+        f"val {acc} {base['val_accuracy']:.4f}"
+        + (f", test {acc} {base['test_accuracy']:.4f}" if "test_accuracy" in base else "")
         + ")"
     ]
     runtime = base.get("runtime", "torch")
     if runtime != "torch":
         lines.append(f"latency measured in {runtime}; 'final' re-timed there at the end, 'torch' in torch eager")
+    if result.score_name != "accuracy":
+        lines.append(f"scored by the metric {result.score_name!r} (held in the val_accuracy and test_accuracy columns)")
     n_ok = int((result.trials["state"] == "COMPLETE").sum()) if len(result.trials) else 0
     n_feasible = int(result.trials["feasible"].sum()) if len(result.trials) else 0
     lines.append(f"{len(result.trials)} trials, {n_ok} completed, {n_feasible} within budget")
     if result.pareto.empty:
         lines.append("no policy met the budget")
         return "\n".join(lines)
-    header = (f"{'trial':>5} {'val acc':>8} {'test acc':>8} {'latency ms':>10} {'predicted':>9} {'speedup':>7} "
+    header = (f"{'trial':>5} {'val ' + acc:>8} {'test ' + acc:>8} {'latency ms':>10} {'predicted':>9} {'speedup':>7} "
               f"{'memory MB':>9}  policy")
     lines.append(header)
     retimed = "latency_ms_final" in result.pareto.columns
@@ -168,7 +188,7 @@ def closest_to_budget(frame: pd.DataFrame, metric: str, limit: float, n: int = 3
 def no_feasible_message(result: SearchResult) -> str:
     """What to tell a user whose whole search found nothing within the budget: a plain statement, the closest
     policies with their measured cost and validation accuracy, and where the rest is."""
-    unit = "ms" if result.metric == "latency_ms" else "MB"
+    unit, acc_name = _unit(result), _short(result.score_name)
     lines = [
         f"no policy met the budget {result.budget} ({result.metric} <= {result.limit:.3f}) in {len(result.trials)} "
         f"trials."
@@ -181,7 +201,7 @@ def no_feasible_message(result: SearchResult) -> str:
         for _, row in closest.iterrows():
             cost = float(row[result.metric])
             acc = pd.to_numeric(pd.Series([row["val_accuracy"]]), errors="coerce").iloc[0]
-            acc_s = f"val acc {acc:.4f}" if pd.notna(acc) else "val acc not measured"
+            acc_s = f"val {acc_name} {acc:.4f}" if pd.notna(acc) else f"val {acc_name} not measured"
             lines.append(
                 f"  trial {int(row['number'])}: {cost:.3f} {unit} ({cost / result.limit:.2f}x the limit), {acc_s}, "
                 f"{row['policy'] or 'uncompressed'}"
@@ -189,3 +209,12 @@ def no_feasible_message(result: SearchResult) -> str:
     if result.run_dir is not None:
         lines.append(f"All trials: {result.run_dir / TRIALS}")
     return "\n".join(lines)
+
+
+def _unit(result: SearchResult) -> str:
+    return result.unit or {"latency_ms": "ms", "memory_mb": "MB"}.get(result.metric, "")
+
+
+def _short(score_name: str) -> str:
+    """How the summary names the metric: ``acc`` for accuracy, else the metric's own name."""
+    return "acc" if score_name == "accuracy" else score_name

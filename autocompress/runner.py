@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from autocompress.budget import Budget
+from autocompress.builtins import LATENCY, MEMORY
 from autocompress.compose import apply_policy, simulated_layers
 from autocompress.config import RunConfig, latency_model_margin
-from autocompress.costs import measure_latency, memory_mb, paired_ratio
+from autocompress.costs import measure_latency, paired_ratio
 from autocompress.cpu import cpu_info
 from autocompress.data import Dataset
 from autocompress.errors import InputError, TechniqueError
@@ -52,13 +53,23 @@ class Baseline:
     runtime: str = "torch"  # where latency_ms was measured (target.runtime)
     #: choices the runtime cannot run (no kernel or export path there), left out of the search whatever the budget
     unsupported: dict[str, str] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)  # a plugin cost's column -> the uncompressed model's
+
+    def cost(self, column: str) -> float:
+        """The uncompressed model's cost by its column (NaN for a cost not measured)."""
+        return self.costs_by_column().get(column, math.nan)
+
+    def costs_by_column(self) -> dict[str, float]:
+        return {LATENCY.column: self.latency_ms, MEMORY.column: self.memory_mb, **self.costs}
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy,
-               "slow_choices": dict(self.slow_choices), "metric": self.metric}
+        data = {"latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "val_accuracy": self.val_accuracy,
+                "slow_choices": dict(self.slow_choices), "metric": self.metric}
+        if self.costs:
+            data["costs"] = dict(self.costs)
         if self.runtime != TORCH.name or self.unsupported:
-            out.update(runtime=self.runtime, unsupported=dict(self.unsupported))
-        return out
+            data.update(runtime=self.runtime, unsupported=dict(self.unsupported))
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Baseline":
@@ -68,7 +79,8 @@ class Baseline:
         return cls(*(float(data[k]) for k in ("latency_ms", "memory_mb", "val_accuracy")),
                    slow_choices={str(k): float(v) for k, v in dict(slow).items()},
                    metric=str(data.get("metric") or "accuracy"), runtime=str(data.get("runtime") or TORCH.name),
-                   unsupported={str(k): str(v) for k, v in dict(data.get("unsupported") or {}).items()})
+                   unsupported={str(k): str(v) for k, v in dict(data.get("unsupported") or {}).items()},
+                   costs={str(k): float(v) for k, v in dict(data.get("costs") or {}).items()})
 
 
 @dataclass
@@ -95,12 +107,12 @@ class RunContext:
     @property
     def limit(self) -> float:
         """The primary limit (the cost the search trades accuracy against)."""
-        return self.budget.limit(self.baseline.latency_ms, self.baseline.memory_mb)
+        return self.budget.limit(self.baseline.costs_by_column())
 
     @property
     def limits(self) -> dict[str, float]:
         """Every limit, ``{metric: limit}``, the primary first."""
-        return self.budget.limits(self.baseline.latency_ms, self.baseline.memory_mb)
+        return self.budget.limits(self.baseline.costs_by_column())
 
     @property
     def techniques(self):
@@ -227,14 +239,14 @@ def prepare(
     ``latency_model``: build the per-layer latency model (latency budgets); by default when the config asks for
     it (``search.latency_model``) or the solver needs it (``search.strategy: solve``)."""
     torch.set_num_threads(config.target.threads)
-    metric = Metric.of(metric)
-    # cheap checks first, so a wrong budget or space file fails before any data or model is loaded
-    budget = config_budget(config)
+    # cheap checks first, so a wrong budget, metric or space file fails before any data or model is loaded
     space = load_space(config)
     if plugins is None:
         plugins = load_plugins(block=config.plugins.get("block", ()))
         for bad in plugins.errors:
             log(f"warning: plugin {bad.name!r} ({bad.distribution}) not loaded: {bad.error}")
+    budget = config_budget(config, plugins)
+    metric = chosen_metric(config, plugins, metric)
     data_from_config = data is None
     if data is None:
         data = load_data(config)
@@ -255,64 +267,86 @@ def prepare(
         raise InputError("model.kwargs.num_classes", f"model has {out.shape[-1]} outputs, data has {len(data.classes)} classes")
     runtime = check_runtime(plugins, config.target.runtime, f"{config.source}.target.runtime")
     phases: dict[str, float] = {}
+    run = RunContext(config, plugins, model, data, resolved, budget, example, Baseline(math.nan, math.nan, math.nan),
+                     rebuildable=rebuildable, data_from_config=data_from_config, phases=phases, metric=metric,
+                     runtime=runtime)
     started = time.perf_counter()
+    # latency stays special where screening and the latency table are concerned: both time layers, not models
+    latency_budget = LATENCY in budget.costs
     if baseline is None:
         t = config.target
         log("measuring the uncompressed baseline ..." if runtime is TORCH else
             f"measuring the uncompressed baseline in {runtime.label or runtime.name} ...")
-        reference = model if runtime is TORCH else runtime.prepare(model, example, t.threads, plugins)
-        base = Baseline(
-            # the lowest of three medians: every relative budget hangs on this number, and a burst of load from
-            # another process during one measurement made a demo's limit 8x too generous
-            latency_ms=min(measure_latency(reference, example, t.threads, t.warmup, t.repeats).median_ms
-                           for _ in range(3)),
-            memory_mb=memory_mb(model),
-            val_accuracy=metric(model, data.val),
-            metric=metric.name,
-            runtime=runtime.name,
-        )
-        del reference
+        measure_baseline(run)  # latency in the target's runtime (RunContext.prepared)
+        run.baseline.runtime = runtime.name
         phases["baseline"] = time.perf_counter() - started
         if runtime is not TORCH:
             started = time.perf_counter()
-            base.unsupported = unsupported_choices(model, resolved, plugins.techniques, example, runtime, plugins,
-                                                   t.threads)
+            run.baseline.unsupported = unsupported_choices(model, resolved, plugins.techniques, example, runtime,
+                                                           plugins, t.threads)
             phases["runtime check"] = time.perf_counter() - started
-        if "latency_ms" in budget.metrics and not config.search.keep_slow_choices:
+        if latency_budget and not config.search.keep_slow_choices:
             log("timing each choice against the uncompressed model ...")
             started = time.perf_counter()
-            base.slow_choices = measure_slow_choices(model, without_choices(resolved, base.unsupported),
-                                                     plugins.techniques, example, config.target, runtime=runtime,
-                                                     plugins=plugins)
+            run.baseline.slow_choices = measure_slow_choices(
+                model, without_choices(resolved, run.baseline.unsupported), plugins.techniques, example,
+                config.target, runtime=runtime, plugins=plugins)
             phases["screening"] = time.perf_counter() - started
     else:
-        base = Baseline.from_dict(baseline)
+        run.baseline = Baseline.from_dict(baseline)
+        measure_baseline(run, only_missing=True)  # a budget on a cost the saved baseline lacks
+    base = run.baseline
     for label, why in base.unsupported.items():
         log(f"{label}: {runtime.name} cannot run it ({why}): left out of the search")
-    resolved = without_choices(resolved, base.unsupported)
+    run.space = without_choices(resolved, base.unsupported)
     if base.slow_choices:
         cpu = cpu_info().label
         for label, ratio in base.slow_choices.items():
             where = "" if runtime is TORCH else f" in {runtime.name}"
             log(f"{label}: {ratio:.1f}x the uncompressed model's time{where} on this CPU ({cpu}): left out of the "
                 "search (search.keep_slow_choices: true keeps it)")
-        resolved = without_choices(resolved, base.slow_choices)
-    predictor = None
+        run.space = without_choices(run.space, base.slow_choices)
     if latency_model is None:
         latency_model = config.search.latency_model or config.search.strategy == "solve"
-    if "latency_ms" in budget.metrics and latency_model:
+    if latency_budget and latency_model:
         # the solver costs every option from the table: profiled first (or reused from the cache)
         started = time.perf_counter()
-        predictor = predictor_for_run(config, model, example, resolved, plugins, base.latency_ms, log,
-                                      runtime=runtime)
+        run.latency_model = predictor_for_run(config, model, example, run.space, plugins, base.latency_ms, log,
+                                              runtime=runtime)
         phases["profile"] = time.perf_counter() - started
-    return RunContext(config, plugins, model, data, resolved, budget, example, base, rebuildable=rebuildable,
-                      data_from_config=data_from_config, latency_model=predictor, phases=phases, metric=metric,
-                      runtime=runtime)
+    return run
 
 
-def config_budget(config: RunConfig) -> Budget:
-    return Budget.parse(config.budget, field=f"{config.source}.budget")
+def measure_baseline(run: RunContext, only_missing: bool = False) -> None:
+    """The uncompressed model's costs (latency and memory always, every budgeted cost) and score, into
+    ``run.baseline``; with ``only_missing``, only the budgeted costs it does not hold yet."""
+    base = run.baseline
+    if not only_missing:
+        base.latency_ms = LATENCY.baseline(run.model, run)
+        base.memory_mb = MEMORY.baseline(run.model, run)
+        base.val_accuracy = run.metric(run.model, run.data.val)
+        base.metric = run.metric.name
+    for cost in run.budget.costs:
+        if cost not in (LATENCY, MEMORY) and not math.isfinite(base.cost(cost.column)):
+            base.costs[cost.column] = cost.baseline(run.model, run)
+
+
+def config_budget(config: RunConfig, plugins: Plugins | None = None) -> Budget:
+    """The config's budget, its costs looked up among the plugins' (the builtin latency and memory without)."""
+    return Budget.parse(config.budget, field=f"{config.source}.budget",
+                        costs=None if plugins is None else plugins.costs)
+
+
+def chosen_metric(config: RunConfig, plugins: Plugins,
+                  given: Metric | Callable[[nn.Module, Any], float] | None = None) -> Metric:
+    """The metric given from the Python API, else the one ``search.metric`` names among the registered ones."""
+    if given is not None:
+        return Metric.of(given)
+    name = config.search.metric
+    if name not in plugins.metrics:
+        raise InputError(f"{config.source}.search.metric",
+                         f"unknown metric {name!r} (registered: {', '.join(sorted(plugins.metrics))})")
+    return plugins.metrics[name]
 
 
 @dataclass
@@ -381,23 +415,30 @@ def _evaluate_params(
     record = TrialRecord(number)
     seed = run.config.search.seed + number
     metric, limits = run.budget.metric, run.limits
+    budgeted = {b.metric: b.cost for b in run.budget.parts}
+    # latency and memory are measured on every trial (trials.csv, speedups); a plugin's cost when it is budgeted
+    measured = tuple(dict.fromkeys((MEMORY, LATENCY, *budgeted.values())))
+    structural = [c for c in measured if c.structural]
     try:
         policy = run.policy(params)
         record.policy = policy.summary()
         record.simulated = " ".join(simulated_layers(policy, run.techniques))
         stages = {run.techniques[name].stage for name in policy.techniques if name in run.techniques}
         record.predicted_latency_ms = predicted = run.predict_latency(policy)
-        if "latency_ms" in limits and predicted > limits["latency_ms"] * latency_model_margin(run.config.search):
+        latency_limit = limits.get(LATENCY.column)  # the latency table predicts latency alone
+        if latency_limit is not None and predicted > latency_limit * latency_model_margin(run.config.search):
             record.skipped = "predicted latency over budget"  # clearly over: neither compressed nor measured
-        elif "memory_mb" in limits or Stage.RECOVERY in stages:
+        elif any(c.column in limits for c in structural) or Stage.RECOVERY in stages:
             with torch.random.fork_rng():
                 skeleton = apply_policy(run.model, policy, run.techniques, ApplyContext(structure_only=True, seed=seed))
-            record.memory_mb = memory_mb(skeleton)
-            if "memory_mb" in limits and record.memory_mb > limits["memory_mb"]:
-                record.skipped = "memory over budget"
-            elif "latency_ms" in limits and Stage.RECOVERY in stages:
-                record.latency_ms = run.measure(skeleton)
-                if record.latency_ms > limits["latency_ms"] * PRE_TRAINING_MARGIN:  # clearly over: do not train
+            for cost in structural:  # cheap: no weights, nothing run
+                record.set_cost(cost.column, cost.measure(skeleton, run))
+            over = [c for c in structural if c.column in limits and record.cost(c.column) > limits[c.column]]
+            if over:
+                record.skipped = f"{over[0].name} over budget"
+            elif latency_limit is not None and Stage.RECOVERY in stages:
+                record.latency_ms = LATENCY.measure(skeleton, run)
+                if record.latency_ms > latency_limit * PRE_TRAINING_MARGIN:  # clearly over: do not train
                     record.skipped = "latency over budget (before recovery training)"
             del skeleton
             if isinstance(report, TrialReport):
@@ -409,11 +450,11 @@ def _evaluate_params(
             with torch.inference_mode():  # a broken model fails here, whether or not it meets the budget
                 if not bool(torch.isfinite(model(run.example[:8])).all()):
                     raise TechniqueError("the compressed model outputs NaN or infinite values")
-            record.memory_mb = memory_mb(model)
-            record.latency_ms = run.measure(model)
+            for cost in measured:
+                record.set_cost(cost.column, cost.measure(model, run))
             over = [m for m, limit in limits.items() if record.cost(m) > limit]
             if over:
-                record.skipped = f"{over[0].split('_')[0]} over budget"
+                record.skipped = f"{budgeted[over[0]].name} over budget"
             else:
                 acc = run.metric(model, run.data.val, require_finite=True)
                 if not math.isfinite(acc):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from autocompress.builtins import LATENCY, MEMORY
 from autocompress.latency_model.layout import MODEL, Layout, Setting, settings_key
 from autocompress.rundir import SENSITIVITY, RunDir
 from autocompress.sensitivity import Sensitivity
@@ -61,9 +62,14 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
     """The solver's seeds for ``run`` (a :class:`autocompress.runner.RunContext`); the damages are kept in
     ``run_dir/sensitivity.json`` and the front in ``run_dir/solver.csv``."""
     plan = Plan()
-    space, techniques, metrics = run.space, run.techniques, run.budget.metrics
-    predictor = run.latency_model if "latency_ms" in metrics else None
-    if "latency_ms" in metrics:
+    space, techniques, costs = run.space, run.techniques, run.budget.costs
+    # the solver costs a layer's options with the latency table or the layer's realised bytes: those two alone
+    other = [c.name for c in costs if c not in (LATENCY, MEMORY)]
+    if other:
+        plan.why_none = f"the solver cannot cost {other[0]} layer by layer"
+        return plan
+    predictor = run.latency_model if LATENCY in costs else None
+    if LATENCY in costs:
         if predictor is None:
             plan.why_none = "no latency table for this run"
             return plan
@@ -105,7 +111,7 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
 
     # costs and the solve, for each global combination and fraction
     started = time.perf_counter()
-    costs = [_Costs(run, layout, predictor if m == "latency_ms" else None, identities) for m in metrics]
+    costs = [_Costs(run, layout, predictor if c is LATENCY else None, identities) for c in run.budget.costs]
     problems = []
     for g in combos:
         context = tuple((p, v) for p, v in g if p in {k.param for k in layout.layers[MODEL].knobs})
@@ -149,7 +155,8 @@ class Solver:
             for index, (g, options, settings_of, fixed, global_damage) in enumerate(self.problems):
                 if not math.isfinite(global_damage):
                     continue
-                limits = tuple(fraction * limit / (scale if metric == "latency_ms" else 1.0)
+                # the scale corrects the latency table's error; bytes are exact
+                limits = tuple(fraction * limit / (scale if metric == LATENCY.column else 1.0)
                                for metric, limit in run.limits.items())
                 chosen = solve(options, limits, fixed, exclude=self.solutions.get(index, []))
                 if chosen is None:
@@ -173,9 +180,7 @@ class Solver:
             seed = Seed(f"solver {fraction:g}x limit{label}", params, fraction, cost, total)
             out.append(seed)
             self.all.append(seed)
-        metric = run.budget.metric
-        unit = "ms" if metric == "latency_ms" else "MB"
-        base = run.baseline.latency_ms if metric == "latency_ms" else run.baseline.memory_mb
+        unit, base = run.budget.cost.unit, run.baseline.cost(run.budget.metric)
         for seed in out:
             log(f"{seed.label}: predicted {seed.predicted:.2f} {unit} ({seed.predicted / base:.2f}x), damage "
                 f"{seed.damage:.4f}: {run.policy(seed.params).summary()}")

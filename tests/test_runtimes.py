@@ -158,7 +158,7 @@ def test_a_runtime_name_taken_twice_fails_that_plugin_alone():
 
     plugins = load_plugins(extra=[RuntimePlugin(Again())])
     info = next(p for p in plugins.info if p.name == PLUGIN)
-    assert info.error and "already registered by 'autocompress'" in info.error, info
+    assert info.error and "already registered by plugin 'autocompress'" in info.error, info
     assert plugins.runtimes["torch"] is TORCH
 
 

@@ -46,8 +46,8 @@ def write_report(run_dir: str | Path) -> Path:
     drawn = {
         "plot-accuracy-latency": (tradeoff_figure(run, "latency_ms"), _tradeoff_caption(run, "latency")),
         "plot-accuracy-memory": (tradeoff_figure(run, "memory_mb"), _tradeoff_caption(run, "memory")),
-        "plot-best-so-far": (best_so_far_figure(run), "Best validation accuracy within budget after each trial; "
-                             "markers at the bottom are trials without an accuracy (over budget, stopped, failed)."),
+        "plot-best-so-far": (best_so_far_figure(run), f"Best validation {run.score_name} within budget after each "
+                             f"trial; markers at the bottom are trials without a score (over budget, stopped, failed)."),
         "plot-policy": (policy_figure(picture) if picture is not None else None,
                         f"Trial {picture.trial if picture else '?'}: the setting of every searched layer, one panel "
                         "per technique knob; grey cells are left as in the uncompressed model."),
@@ -66,7 +66,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _tradeoff_caption(run: RunData, cost: str) -> str:
-    budgeted = run.metric.startswith(cost)
-    text = (f"Validation accuracy against measured {cost} for every trial. Orange: the Pareto front within budget"
-            + (" (the dashed line is the budget)." if budgeted else f" (chosen on {run.metric.split('_')[0]})."))
+    budgeted = run.cost_name == cost
+    text = (f"Validation {run.score_name} against measured {cost} for every trial. Orange: the Pareto front within "
+            "budget" + (" (the dashed line is the budget)." if budgeted else f" (chosen on {run.cost_name})."))
     return text + " Star: the uncompressed model; diamonds: uniform policies."

@@ -19,7 +19,7 @@ import pandas as pd
 
 from autocompress import rundir
 from autocompress.report.layers import LayerPicture, format_value
-from autocompress.report.plots import UNITS, Picture
+from autocompress.report.plots import Picture
 from autocompress.report.rundata import RunData
 from autocompress.results import timing_drift
 from autocompress.rundir import RunDir
@@ -40,6 +40,7 @@ def render_page(run: RunData, figures: dict[str, Picture], picture: LayerPicture
     return _environment().get_template(TEMPLATE).render(
         name=run.run_dir.resolve().name,
         subtitle=_subtitle(run),
+        score=run.score_name,
         finished=run.finished,
         progress=None if run.finished else {
             "trials": len(t), "planned": run.planned_trials,
@@ -101,7 +102,7 @@ def _none_met(run: RunData) -> dict[str, Any]:
     costs = pd.to_numeric(run.trials.get(run.metric), errors="coerce") if len(run.trials) else pd.Series(dtype=float)
     if costs.notna().any() and math.isfinite(run.limit):
         i = costs.idxmin()
-        closest = {"cost": run.metric.split("_")[0], "value": f"{costs[i]:.4g}", "unit": UNITS[run.metric],
+        closest = {"cost": run.cost_name, "value": f"{costs[i]:.4g}", "unit": run.unit,
                    "trial": int(run.trials.at[i, "number"]), "ratio": f"{costs[i] / run.limit:.2f}"}
     return {"budget": f"the budget {run.budget}" if run.budget is not None else "the budget",
             "limit": f" ({run.metric} ≤ {run.limit:.4g})" if math.isfinite(run.limit) else "",

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import blended_transform_factory
 
+from autocompress.builtins import BUILTIN_COSTS
 from autocompress.report.layers import LayerPicture, Panel, format_value
 from autocompress.report.rundata import RunData
 
@@ -30,8 +31,8 @@ UNCHANGED = "#eeeeee"
 DPI = 160  # rendered at 1.6x the displayed size (100 CSS px per inch), so it stays sharp on dense screens
 DISPLAY_PX_PER_INCH = 100
 
-UNITS = {"latency_ms": "ms", "memory_mb": "MB"}
-_COST_LABEL = {"latency_ms": "measured latency (ms)", "memory_mb": "weight memory (MB)"}
+#: the axis label of each builtin cost's trade-off plot (the costs' own labels, autocompress/builtins.py)
+_COST_LABEL = {c.column: c.axis_label for c in BUILTIN_COSTS.values()}
 _RUG_Y = 0.035  # axes fraction where trials without an accuracy are drawn
 
 
@@ -83,7 +84,7 @@ def tradeoff_figure(run: RunData, cost: str) -> Figure | None:
     if budgeted:
         ax.axvline(run.limit, color=BUDGET, ls="--", lw=1.4, zorder=1)
         ax.axvspan(run.limit, right * 1.08, color=BUDGET, alpha=0.05, zorder=0)
-        ax.annotate(f"budget {run.budget}\n≤ {run.limit:.3g} {UNITS[cost]}", (run.limit, 1.0),
+        ax.annotate(f"budget {run.budget}\n≤ {run.limit:.3g} {run.unit}", (run.limit, 1.0),
                     xycoords=("data", "axes fraction"), xytext=(4, -4), textcoords="offset points", va="top",
                     fontsize=8, color=BUDGET)
     _set_accuracy_limits(ax, acc[with_acc], base.get("val_accuracy"))
@@ -94,7 +95,7 @@ def tradeoff_figure(run: RunData, cost: str) -> Figure | None:
         top.set_xlabel("× uncompressed", fontsize=8, color="0.35")
         top.tick_params(labelsize=8, colors="0.35")
     ax.set_xlabel(_cost_label(run, cost))
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {run.score_name} (%)")
     ax.grid(alpha=0.25)
     _legend_below(fig, ax)
     return fig
@@ -142,7 +143,7 @@ def best_so_far_figure(run: RunData) -> Figure | None:
     ax.set_xlim(n.min() - 0.8, n.max() + 0.8)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {run.score_name} (%)")
     ax.grid(alpha=0.25)
     _legend_below(fig, ax)
     return fig
@@ -224,7 +225,7 @@ def _draw_front(ax: Any, run: RunData, cost: str, connect: bool) -> None:
     if connect:
         order = np.argsort(fx.to_numpy())
         ax.step(fx.to_numpy()[order], fy.to_numpy()[order], where="post", color=FRONT, lw=1.6, zorder=4)
-    label = "Pareto front" if connect else f"Pareto front (on {run.metric.split('_')[0]})"
+    label = "Pareto front" if connect else f"Pareto front (on {run.cost_name})"
     ax.scatter(fx, fy, s=70, color=FRONT, edgecolor="black", lw=0.8, label=label, zorder=5)
     best_x, best_y = float(fx.iloc[0]), float(fy.iloc[0])
     ax.annotate(f"chosen: trial {int(front['number'].iloc[0])}", (best_x, best_y), xytext=(8, 8),

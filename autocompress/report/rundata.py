@@ -18,6 +18,7 @@ import pandas as pd
 
 from autocompress import rundir
 from autocompress.budget import Budget
+from autocompress.cost_kinds import Cost
 from autocompress.errors import InputError
 from autocompress.policy import parse_param_name
 from autocompress.results import RECORD_COLUMNS, pareto_front, trials_frame
@@ -61,10 +62,22 @@ class RunData:
     solver: pd.DataFrame | None = None  # solver.csv: the solver's seeds
     #: parameter name -> the value that leaves its layer as it is (resolved_space.yaml; None for an older run)
     identities: dict[str, Any] | None = None
+    #: the metric the search maximized (baseline.yaml); the val_accuracy / test_accuracy columns hold it whatever it is
+    score_name: str = "accuracy"
 
     @property
     def metric(self) -> str:
         return self.budget.metric if self.budget is not None else "latency_ms"
+
+    @property
+    def unit(self) -> str:
+        """The budgeted cost's unit ("ms")."""
+        return self.budget.cost.unit if self.budget is not None else "ms"
+
+    @property
+    def cost_name(self) -> str:
+        """The budgeted cost's name ("latency")."""
+        return self.budget.cost.name if self.budget is not None else "latency"
 
     @property
     def feasible(self) -> bool:
@@ -96,14 +109,18 @@ def load_run(run_dir: str | Path) -> RunData:
     config = rd.read_yaml(rundir.CONFIG, notes) or {}
     saved_baseline = rd.read_yaml(rundir.BASELINE, notes) or {}
     baseline = {k: float(v) for k, v in saved_baseline.items() if isinstance(v, (int, float))}
+    plugin_costs = saved_baseline.get("costs") if isinstance(saved_baseline, dict) else None
+    # a plugin cost's baseline, by its column, beside latency_ms and memory_mb (autocompress.runner.Baseline)
+    baseline.update({str(k): float(v) for k, v in (plugin_costs or {}).items() if isinstance(v, (int, float))})
+    score_name = str((saved_baseline or {}).get("metric") or "accuracy") if isinstance(saved_baseline, dict) else "accuracy"
     slow = saved_baseline.get("slow_choices") if isinstance(saved_baseline, dict) else None
     phases = rd.read_yaml(rundir.PHASES, notes)
     solver = rd.read_csv(rundir.SOLVER, notes)
     budget = _budget(config, notes)
     limit = math.nan
     if budget is not None:
-        if not budget.relative or {"latency_ms", "memory_mb"} <= set(baseline):
-            limit = budget.limit(baseline.get("latency_ms", math.nan), baseline.get("memory_mb", math.nan))
+        if not budget.relative or budget.metric in baseline:
+            limit = budget.limit(baseline)
 
     csv_trials = rd.read_csv(rundir.TRIALS, notes)
     study_rows, running = rd.read_study(notes)
@@ -129,7 +146,7 @@ def load_run(run_dir: str | Path) -> RunData:
         finished=finished, source=source, notes=notes,
         phases={str(k): float(v) for k, v in (phases or {}).items() if isinstance(v, (int, float))},
         slow_choices={str(k): float(v) for k, v in (slow or {}).items() if isinstance(v, (int, float))},
-        solver=solver, identities=rd.read_identities(notes),
+        solver=solver, identities=rd.read_identities(notes), score_name=score_name,
     )
 
 
@@ -176,8 +193,25 @@ def _budget(config: dict[str, Any], notes: list[str]) -> Budget | None:
     if not text:
         return None
     try:
-        return Budget.parse(str(text), field="config.yaml budget")
+        return Budget.parse(str(text), field="config.yaml budget", costs=_costs(str(text), config))
     except InputError as exc:
         notes.append(str(exc))
         return None
 
+
+def _costs(text: str, config: dict[str, Any]) -> dict[str, Cost]:
+    """The installed plugins' costs, and a stand-in for a word none of them names (a cost registered in code by
+    the process that ran the search): the report then still shows the budget and reads the column it names."""
+    from autocompress.pluginmanager import load_plugins
+
+    block = (config.get("plugins") or {}).get("block", ()) if isinstance(config.get("plugins"), dict) else ()
+    costs = dict(load_plugins(block=block).costs)
+    words = {w for c in costs.values() for w in (c.name, c.column)}
+    for word, _value, _relative in Budget.read(text, field="config.yaml budget"):
+        if word not in words:
+            costs[word] = Cost(word, word, "", _not_measured)
+    return costs
+
+
+def _not_measured(model: Any, run: Any) -> float:
+    raise RuntimeError("a report does not measure")

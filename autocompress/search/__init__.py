@@ -211,7 +211,7 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
     closest = None if not front.empty else _closest_with_accuracy(run, frame)
     result = SearchResult(
         trials=frame, pareto=front, best_policy=best_policy, baseline=baseline, budget=str(run.budget),
-        limit=run.limit, metric=metric, run_dir=run_dir, closest=closest,
+        limit=run.limit, metric=metric, run_dir=run_dir, closest=closest, unit=run.budget.cost.unit,
     )
     if run_dir is not None:
         RunDir(run_dir).write_results(frame, front, baseline, best_policy)

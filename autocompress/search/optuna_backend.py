@@ -12,6 +12,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
+from autocompress.builtins import LATENCY
 from autocompress.config import SearchConfig, measured_baselines
 from autocompress.errors import InputError
 from autocompress.rundir import STUDY_NAME
@@ -129,7 +130,7 @@ def enqueue_composed(study: optuna.Study, run: RunContext) -> int:
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             return 0
         cost = _cost(t.user_attrs.get(metric))
-        if not math.isfinite(cost) and metric == "latency_ms":  # skipped on its prediction
+        if not math.isfinite(cost) and run.budget.cost is LATENCY:  # skipped on its prediction (the latency table)
             cost = _cost(t.user_attrs.get("predicted_latency_ms"))
         costs[label] = cost
     if set(costs) != labels:
@@ -159,7 +160,8 @@ def enqueue_second_wave(study: optuna.Study, run: RunContext) -> int:
     measured = []
     for t in seeds:
         cost = _cost(t.user_attrs.get(metric))
-        predicted = _cost(t.user_attrs.get("predicted_latency_ms")) if metric == "latency_ms" else cost
+        # the solver predicts latency from the table; any other cost it computes from the realised structure
+        predicted = _cost(t.user_attrs.get("predicted_latency_ms")) if run.budget.cost is LATENCY else cost
         measured.append((predicted, cost))
     study.set_user_attr("solver_waves", done + 1)
     queued = second_wave(solver, measured, wave=done + 2)
@@ -299,8 +301,8 @@ def constraint_and_values(
 ) -> tuple[float, float | tuple[float, float]]:
     """A completed trial's budget constraint (feasible when <= 0) and objective values, for every backend that
     tells Optuna a trial record (this objective, and the Ray backend's searcher)."""
-    cost = record[metric]
-    if not math.isfinite(cost) and math.isfinite(record.get("predicted_latency_ms", math.nan)):
+    cost = _cost(record.get(metric))
+    if not math.isfinite(cost) and metric == LATENCY.column and math.isfinite(record.get("predicted_latency_ms", math.nan)):
         cost = record["predicted_latency_ms"]  # skipped on its prediction: the sampler still learns how far over
     acc = record["val_accuracy"]
     acc = acc if math.isfinite(acc) else 0.0

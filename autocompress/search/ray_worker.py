@@ -48,6 +48,7 @@ class WorkerSpec:
     model: nn.Module | None = None  # only when the run's model is not described by its config
     data: Dataset | None = None  # only when the run's data are not described by its config
     metric: Any = None  # the run's autocompress.metric.Metric (a user's evaluator travels pickled)
+    costs: dict[str, Any] = field(default_factory=dict)  # the registered costs (Cost), for the budget's look-up
 
 
 def worker_run(spec: WorkerSpec) -> RunContext:
@@ -55,7 +56,8 @@ def worker_run(spec: WorkerSpec) -> RunContext:
     run = _RUNS.get(spec.key)
     if run is None:
         _RUNS.clear()  # free the previous run's model and data first
-        plugins = Plugins(manager=pluggy.PluginManager(PROJECT), techniques=dict(spec.techniques))
+        plugins = Plugins(manager=pluggy.PluginManager(PROJECT), techniques=dict(spec.techniques),
+                          costs=dict(spec.costs))
         # the driver planned the run (the solver's table and seeds); a worker profiles only when the config asks
         # for the latency model by name, to skip candidates on their prediction
         run = prepare(spec.config, plugins=plugins, model=spec.model, data=spec.data, baseline=spec.baseline,
