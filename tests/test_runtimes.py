@@ -235,6 +235,8 @@ def test_a_search_in_a_builtin_runtime_runs_end_to_end(name, strategy, tiny_conf
     if not result.pareto.empty:
         pareto = pd.read_csv(tmp_path / "run" / "pareto.csv")
         assert set(pareto["runtime"]) == {name} and pareto["latency_ms_torch"].notna().any()
+        page = (tmp_path / "run" / "report.html").read_text()
+        assert f"measured in {name} at batch" in page and "torch eager ms" in page
     assert any(f"latency measured in {name}" in line for line in logs), logs
     if strategy == "solve":  # the table the solver costs options by was timed in that runtime
         table = json.loads((tmp_path / "table.json").read_text())

@@ -56,6 +56,8 @@ def render_page(run: RunData, figures: dict[str, Picture], picture: LayerPicture
         predicted="predicted_latency_ms" in run.pareto and bool(
             pd.to_numeric(run.pareto["predicted_latency_ms"], errors="coerce").notna().any()),
         pareto=[_pareto_row(row, run) for _, row in run.pareto.iterrows()],
+        # a search in another runtime re-times its front there at the end, with torch eager's time beside it
+        retimed=(run.config.get("target") or {}).get("runtime") if "latency_ms_final" in run.pareto else None,
         baselines=[_baseline_row(row) for _, row in (t[t["baseline"] != ""] if len(t) else t).iterrows()],
         outcomes=_outcomes(run),
         phases=[{"name": name, "seconds": f"{seconds:.0f}"} for name, seconds in run.phases.items()],
@@ -80,7 +82,9 @@ def _subtitle(run: RunData) -> str:
         bits.append(f"budget {run.budget}{limit}")
     target = run.config.get("target") or {}
     if target:
-        bits.append(f"measured at batch {target.get('batch_size')}, {target.get('threads')} threads")
+        runtime = target.get("runtime") or "torch"
+        where = "" if runtime == "torch" else f" in {runtime}"
+        bits.append(f"measured{where} at batch {target.get('batch_size')}, {target.get('threads')} threads")
     search = run.config.get("search") or {}
     if search:
         bits.append(f"{search.get('sampler', '?')} sampler, seed {search.get('seed', '?')}")
@@ -166,6 +170,7 @@ def _pareto_row(row: pd.Series, run: RunData) -> dict[str, Any]:
         "number": int(row["number"]), "val": _pct(row["val_accuracy"]), "test": _pct(test),
         "gain": _num((test - base_test) * 100 if _finite(test) and _finite(base_test) else None, 2, signed=True),
         "latency": _num(row.get("latency_ms"), 2), "predicted": _num(row.get("predicted_latency_ms"), 2),
+        "final": _num(row.get("latency_ms_final"), 2), "torch": _num(row.get("latency_ms_torch"), 2),
         "speedup": _x(row.get("speedup")), "memory": _num(mem, 3),
         "of_uncompressed": _pct(mem / base_mem if _finite(mem) and base_mem else None, 0),
         "policy": str(row.get("policy") or ""), "baseline": str(row.get("baseline") or ""),
