@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from autocompress.export import ExportPlan
+    from autocompress.search.backend import Backend
     from autocompress.technique import Technique
 
 PROJECT = "autocompress"
@@ -32,6 +33,17 @@ def autocompress_register_techniques(register: Callable[["Technique"], None]) ->
 
     A technique is an instance of :class:`autocompress.technique.Technique`. Names must be unique across all
     plugins; registering a name twice raises an error naming both plugins.
+    """
+
+
+@hookspec
+def autocompress_register_backends(register: Callable[["Backend"], None]) -> None:
+    """Register search backends by calling ``register(backend)`` once per backend.
+
+    A backend (:class:`autocompress.search.backend.Backend`) decides where a search's trials are evaluated: it asks
+    the run's study for trials, evaluates them and tells the study their records. It is chosen by its ``name``
+    (``search.backend``, ``--backend``). Names must be unique across all plugins and the builtin backends
+    (``optuna``, ``ray``); registering a name twice raises an error naming both plugins.
     """
 
 

@@ -39,7 +39,13 @@ BUILTIN_DISTRIBUTIONS = frozenset({"autocompress"})
 HOOK_PREFIX = "autocompress_"
 IN_CODE = "(registered in code)"
 #: hooks whose failure must stop the caller (not notifications): called through their own per-plugin guard
-CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_prepare_export"})
+CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_register_backends",
+                                "autocompress_prepare_export"})
+#: the builtin search backends ("module:Class", imported only when chosen: see search/backend.py), owned by
+#: BUILTIN_OWNER; a plugin's backend of the same name is refused like a technique registered twice
+BUILTIN_BACKENDS = {"optuna": "autocompress.search.optuna_backend:OptunaBackend",
+                    "ray": "autocompress.search.ray_backend:RayBackend"}
+BUILTIN_OWNER = "autocompress"
 
 
 class PluginWarning(UserWarning):
@@ -54,6 +60,7 @@ class PluginInfo:
     techniques: tuple[str, ...] = ()
     error: str | None = None  # why it failed to load, if it did (one line)
     skipped: str | None = None  # why it was not loaded on purpose: "blocked", "autoload disabled"
+    backends: tuple[str, ...] = ()  # search backends it registered
 
     @property
     def status(self) -> str:
@@ -64,12 +71,15 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    """The loaded plugins and the techniques they registered."""
+    """The loaded plugins and the techniques and search backends they registered."""
 
     manager: pluggy.PluginManager
     techniques: dict[str, Technique] = field(default_factory=dict)
     info: list[PluginInfo] = field(default_factory=list)
     owners: dict[str, str] = field(default_factory=dict)  # technique name -> plugin name
+    #: backend name -> a search backend (search/backend.py), or a builtin's "module:Class"
+    backends: dict[str, object] = field(default_factory=lambda: dict(BUILTIN_BACKENDS))
+    backend_owners: dict[str, str] = field(default_factory=lambda: dict.fromkeys(BUILTIN_BACKENDS, BUILTIN_OWNER))
     hook_errors: list[str] = field(default_factory=list)  # "plugin 'x' failed in autocompress_...: ..."
 
     @property
@@ -161,13 +171,22 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra:
 
     registry = Plugins(manager=pm)
     impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_techniques.get_hookimpls()}
+    backend_impls = {impl.plugin_name: impl for impl in pm.hook.autocompress_register_backends.get_hookimpls()}
     for name, dist, version, _plugin, error, skipped in infos:
         registered: list[str] = []
+        backends: list[str] = []
         if error is None and skipped is None and name in impls:
             error = _register_techniques(impls[name], registry, registered)
-            if error is not None:  # half a plugin is worse than none: its other hooks go too
-                pm.unregister(name=name)
-        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error, skipped))
+        if error is None and skipped is None and name in backend_impls:
+            error = _register_backends(backend_impls[name], registry, backends)
+        if error is not None and skipped is None and name in {*impls, *backend_impls}:
+            # half a plugin is worse than none: what it registered is taken back and its other hooks go too
+            for tech in registered:
+                registry.techniques.pop(tech, None)
+                registry.owners.pop(tech, None)
+            registered.clear()
+            pm.unregister(name=name)
+        registry.info.append(PluginInfo(name, dist, version, tuple(registered), error, skipped, tuple(backends)))
     _isolate_notifications(pm, registry)
     return registry
 
@@ -234,6 +253,31 @@ def _register_techniques(impl: pluggy.HookImpl, registry: Plugins, registered: l
         for tech in registered:
             registry.techniques.pop(tech, None)
             registry.owners.pop(tech, None)
+        registered.clear()
+        return f"failed to register: {_one_line(exc)}"
+    return None
+
+
+def _register_backends(impl: pluggy.HookImpl, registry: Plugins, registered: list[str]) -> str | None:
+    """Call one plugin's backend register hook, so a failure is attributed to that plugin alone."""
+
+    def register(backend: object) -> None:
+        name = getattr(backend, "name", None)
+        if not isinstance(name, str) or not name or not callable(getattr(backend, "run", None)):
+            raise TypeError(f"register() takes a search backend (a name and a run method), got "
+                            f"{type(backend).__name__}")
+        if name in registry.backends:
+            raise ValueError(f"backend {name!r} is already registered by plugin {registry.backend_owners[name]!r}")
+        registry.backends[name] = backend
+        registry.backend_owners[name] = impl.plugin_name
+        registered.append(name)
+
+    try:
+        impl.function(**{arg: register for arg in impl.argnames})
+    except Exception as exc:
+        for name in registered:
+            registry.backends.pop(name, None)
+            registry.backend_owners.pop(name, None)
         registered.clear()
         return f"failed to register: {_one_line(exc)}"
     return None

@@ -209,8 +209,7 @@ def _study_rows(path: Path, notes: list[str]) -> tuple[list[dict[str, Any]] | No
     try:
         import optuna
 
-        from autocompress.search.optuna_backend import STUDY_NAME
-        from autocompress.search.optuna_search import rows_from_study
+        from autocompress.search.study import STUDY_NAME, rows_from_study
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{path.resolve()}")
