@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import torch
 import yaml
 from torch import nn
 

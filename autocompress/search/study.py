@@ -31,15 +31,16 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from autocompress.config import SearchConfig, measured_baselines
+from autocompress.config import measured_baselines
 from autocompress.errors import InputError
 from autocompress.runner import Baseline, RunContext, TrialReport, parse_progress
+from autocompress.search.constraints import set_budget_constraints
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
+from autocompress.search.samplers import make_pruner, make_sampler
 from autocompress.search.storage import interrupt_safe, local_storage, open_storage, study_user_attrs
 
 __all__ = ["STUDY_NAME", "RECORD_ATTR", "SearchStudy", "open_study", "record_of", "rows_from_study",
-           "counted_trials", "quota_reached", "is_surplus", "study_started", "shared_baseline", "make_sampler",
-           "make_pruner", "set_budget_constraints", "worker_id"]
+           "counted_trials", "quota_reached", "is_surplus", "study_started", "shared_baseline", "worker_id"]
 
 STUDY_NAME = "autocompress"
 #: the user attribute holding a finished trial's whole record (TrialRecord.to_dict)
@@ -47,38 +48,6 @@ RECORD_ATTR = "record"
 #: what an enqueued trial carries into its record: the baseline's label, where it came from, the solver's label
 QUEUED_ATTRS = ("baseline", "origin", "seed")
 JOIN_WAIT_S = 120.0  # how long a process joining a shared study waits for its creator to store the baseline
-
-
-def make_sampler(search: SearchConfig, seed: int | None = None, parallel: bool = False) -> optuna.samplers.BaseSampler:
-    """``parallel``: trials run concurrently (Ray, shared storage), so TPE treats running trials as bad results
-    (constant liar) instead of proposing the same policy to several workers."""
-    seed = search.seed if seed is None else seed
-    if search.sampler == "tpe":
-        # with the solver, its seeds (and the uncompressed model) are the start: TPE models around them at once
-        startup = 1 + len(search.solver_fractions) if search.strategy == "solve" else 10
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup,
-                                          constant_liar=parallel)
-    if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise InputError("search.sampler", f"unknown sampler {search.sampler!r}")
-
-
-def make_pruner(search: SearchConfig) -> optuna.pruners.BasePruner:
-    """Optuna's pruner for a single-objective study; a multi-objective one prunes with :class:`MedianRule`.
-
-    Reports come at steps 25, 50, 100, ...: with ``min_resource=1`` and a reduction factor of 2, each report meets
-    about one successive-halving rung, so a trial goes on only while it is in the better half at its step.
-    """
-    name = resolve_pruner(search.objective, search.pruner)
-    if search.objective != "single" or name == "none":
-        return optuna.pruners.NopPruner()
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=2)
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
 
 
 # --- reading trials back -------------------------------------------------------------------------------------------
@@ -130,43 +99,6 @@ def is_surplus(study: optuna.Study, number: int, total: int) -> bool:
 
 def _cost(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
-
-
-# --- the budget as constraints ---------------------------------------------------------------------------------------
-
-
-def constraint_and_values(
-    record: dict[str, Any], limit: float, metric: str, single: bool
-) -> tuple[float, float | tuple[float, float]]:
-    """A completed trial's budget constraint (feasible when <= 0) and objective values."""
-    cost = record[metric]
-    if not math.isfinite(cost) and math.isfinite(record.get("predicted_latency_ms", math.nan)):
-        cost = record["predicted_latency_ms"]  # skipped on its prediction: the sampler still learns how far over
-    acc = record["val_accuracy"]
-    acc = acc if math.isfinite(acc) else 0.0
-    constraint = float(cost - limit) if math.isfinite(cost) else 1e9
-    return constraint, (acc if single else (acc, cost if math.isfinite(cost) else 1e9))
-
-
-def further_constraints(record: dict[str, Any], limits: dict[str, float]) -> dict[str, float]:
-    """The constraints of a budget's further limits (``latency=0.5x,memory=0.5x``: memory), one per cost, after the
-    primary one (``budget``); feasible when <= 0. An unmeasured cost counts as far over."""
-    out = {}
-    for metric, limit in list(limits.items())[1:]:
-        cost = _cost(record.get(metric))
-        out[f"budget.{metric}"] = float(cost - limit) if math.isfinite(cost) else 1e9
-    return out
-
-
-def set_budget_constraints(trial: optuna.Trial, record: dict[str, Any], run: RunContext,
-                           single: bool) -> float | tuple[float, float]:
-    """Every limit of the budget as the trial's constraints (``budget``, ``budget.<cost>``); returns the objective
-    values to tell Optuna."""
-    constraint, values = constraint_and_values(record, run.limit, run.budget.metric, single)
-    trial.set_constraint("budget", constraint)
-    for key, value in further_constraints(record, run.limits).items():
-        trial.set_constraint(key, value)
-    return values
 
 
 # --- the study ---------------------------------------------------------------------------------------------------------
@@ -262,7 +194,7 @@ class SearchStudy:
         """Close the trials left RUNNING by a session that ended (killed, or stopped by Ctrl-C between two steps).
         Only for a study that no other process is running trials of."""
         for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # Optuna has no public way to reach a trial of another session by its number: its storage id it is
+            # Optuna has no public way to write to a trial another session left behind but through its storage id
             self.interrupt(optuna.trial.Trial(self.optuna, t._trial_id), why)
 
     def requeue_interrupted(self) -> None:
