@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="search space file or builtin name (default: the config's)")
     s.add_argument("--out", help="run directory (default: the config's out)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished trials")
-    s.add_argument("--backend", choices=["optuna", "ray"],
-                   help="optuna: trials in this process (default); ray: trials as Ray Tune trials on a Ray cluster")
+    s.add_argument("--backend", metavar="NAME",
+                   help="optuna: trials in this process (default); ray: trials as Ray Tune trials on a Ray cluster; "
+                        "or a plugin's backend")
     s.add_argument("--storage", metavar="URL",
                    help="share one study among several search processes (same command on each; --trials is the "
                         "total): journal:PATH or a file path (journal file on a local or shared disk), "

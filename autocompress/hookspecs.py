@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from autocompress.export import ExportPlan
     from autocompress.metric import Metric
     from autocompress.runtime import Runtime
+    from autocompress.search.backend import Backend
     from autocompress.technique import Technique
 
 PROJECT = "autocompress"
@@ -68,6 +69,17 @@ def autocompress_register_metrics(register: Callable[["Metric"], None]) -> None:
     A metric is an :class:`autocompress.metric.Metric` (``name``, ``fn(model, split) -> float``, higher is better);
     a run chooses one by name with ``search.metric`` (default ``accuracy``, registered by the core). Names must be
     unique across all plugins; a taken one raises an error naming both plugins.
+    """
+
+
+@hookspec
+def autocompress_register_backends(register: Callable[["Backend"], None]) -> None:
+    """Register search backends by calling ``register(backend)`` once per backend.
+
+    A backend (:class:`autocompress.search.backend.Backend`) decides where a search's trials are evaluated: it asks
+    the run's study for trials, evaluates them and tells the study their records. It is chosen by its ``name``
+    (``search.backend``, ``--backend``). Names must be unique across all plugins and the builtin backends
+    (``optuna``, ``ray``); registering a name twice raises an error naming both plugins.
     """
 
 

@@ -45,7 +45,12 @@ IN_CODE = "(registered in code)"
 #: hooks whose failure must stop the caller (not notifications): called through their own per-plugin guard
 CALLED_FOR_RESULTS = frozenset({"autocompress_register_techniques", "autocompress_register_costs",
                                 "autocompress_register_metrics", "autocompress_register_runtimes",
-                                "autocompress_prepare_export"})
+                                "autocompress_register_backends", "autocompress_prepare_export"})
+#: the builtin search backends ("module:Class", imported only when chosen: see search/backend.py), owned by
+#: BUILTIN_OWNER; a plugin's backend of the same name is refused like a technique registered twice
+BUILTIN_BACKENDS = {"optuna": "autocompress.search.optuna_backend:OptunaBackend",
+                    "ray": "autocompress.search.ray_backend:RayBackend"}
+BUILTIN_OWNER = "autocompress"
 
 
 class PluginWarning(UserWarning):
@@ -63,6 +68,7 @@ class PluginInfo:
     costs: tuple[str, ...] = ()  # names of the costs it registered
     metrics: tuple[str, ...] = ()  # names of the metrics it registered
     runtimes: tuple[str, ...] = ()  # names of the runtimes it registered
+    backends: tuple[str, ...] = ()  # search backends it registered
 
     @property
     def status(self) -> str:
@@ -73,8 +79,8 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    """The loaded plugins and the techniques, costs and metrics they registered (the core's own costs and metric
-    under the plugin name ``autocompress``, see autocompress/builtins.py)."""
+    """The loaded plugins and what they registered: techniques, costs, metrics, runtimes and search backends (the
+    core's own under the plugin name ``autocompress``, see autocompress/builtins.py)."""
 
     manager: pluggy.PluginManager
     techniques: dict[str, Technique] = field(default_factory=dict)
@@ -87,6 +93,9 @@ class Plugins:
     #: where models run and are timed (autocompress/runtime.py): torch eager is the core's, others come from plugins
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     runtime_owners: dict[str, str] = field(default_factory=dict)  # runtime name -> plugin name
+    #: backend name -> a search backend (search/backend.py), or a builtin's "module:Class"
+    backends: dict[str, object] = field(default_factory=lambda: dict(BUILTIN_BACKENDS))
+    backend_owners: dict[str, str] = field(default_factory=lambda: dict.fromkeys(BUILTIN_BACKENDS, BUILTIN_OWNER))
     hook_errors: list[str] = field(default_factory=list)  # "plugin 'x' failed in autocompress_...: ..."
 
     @property
@@ -194,7 +203,8 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, extra:
         registry.info.append(PluginInfo(name, dist, version, tuple(registered.get("techniques", ())), error, skipped,
                                         costs=tuple(registered.get("costs", ())),
                                         metrics=tuple(registered.get("metrics", ())),
-                                        runtimes=tuple(registered.get("runtimes", ()))))
+                                        runtimes=tuple(registered.get("runtimes", ())),
+                                        backends=tuple(registered.get("backends", ()))))
     _isolate_notifications(pm, registry)
     return registry
 
@@ -272,6 +282,13 @@ def _check_runtime(runtime: Any, registry: "Plugins") -> None:
     _check_free("runtime", runtime.name, registry.runtimes, registry.runtime_owners)
 
 
+def _check_backend(backend: Any, registry: "Plugins") -> None:
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not name or not callable(getattr(backend, "run", None)):
+        raise TypeError(f"register() takes a search backend (a name and a run method), got {type(backend).__name__}")
+    _check_free("backend", name, registry.backends, registry.backend_owners)
+
+
 def _check_free(noun: str, name: str, taken: dict, owners: dict[str, str]) -> None:
     if name in taken:
         raise ValueError(f"{noun} {name!r} is already registered by plugin {owners[name]!r}")
@@ -291,6 +308,7 @@ REGISTRATIONS = {
     "autocompress_register_costs": _Registration("costs", "cost_owners", _check_cost),
     "autocompress_register_metrics": _Registration("metrics", "metric_owners", _check_metric),
     "autocompress_register_runtimes": _Registration("runtimes", "runtime_owners", _check_runtime),
+    "autocompress_register_backends": _Registration("backends", "backend_owners", _check_backend),
 }
 
 

@@ -99,6 +99,11 @@ def pareto_front(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Feasible, completed trials that no other such trial beats on both accuracy and the budgeted cost.
 
     Sorted by validation accuracy (best first), then cost.
+
+    Not Optuna's ``Study.best_trials``, though every backend's trials live in a constrained study: with
+    ``search.objective: single`` the study has one objective and ``best_trials`` is the one most accurate trial,
+    while the result is always the accuracy/cost front; and the front is taken over the rows of ``trials.csv``
+    (the same function serves the report of a run directory), with identical policies measured twice as one point.
     """
     ok = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].copy()
     ok = ok[pd.to_numeric(ok["val_accuracy"], errors="coerce").notna()]

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # types only: the report reads a run directory without import
     from autocompress.policy import Policy
     from autocompress.space import ResolvedSpace
 
-__all__ = ["RunDir", "STUDY_NAME", "rows_from_study"]
+__all__ = ["RECORD_ATTR", "RunDir", "STUDY_NAME", "record_of", "rows_from_study"]
 
 CONFIG = "config.yaml"
 SPACE = "resolved_space.yaml"
@@ -231,14 +231,27 @@ class RunDir:
             return None, 0
 
 
+#: the user attribute holding a finished trial's whole record (TrialRecord.to_dict): one storage write per trial
+RECORD_ATTR = "record"
+
+
+def record_of(trial: Any) -> dict[str, Any]:
+    """The record an Optuna trial was told with (``{}`` before it finished); a study written with one user
+    attribute per field (before records were stored whole) reads the same, so older runs resume and report."""
+    record = trial.user_attrs.get(RECORD_ATTR)
+    if isinstance(record, dict):
+        return dict(record)
+    return {k: v for k, v in trial.user_attrs.items() if k not in ("interrupted", "surplus")}
+
+
 def rows_from_study(study: Any) -> list[dict[str, Any]]:
-    """The trial rows an Optuna study holds (its trials' user attributes, number, state and parameters), leaving
+    """The trial rows an Optuna study holds (each finished trial's record, number, state and parameters), leaving
     out trials still running or waiting, interrupted ones and a shared study's surplus."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("interrupted") or t.user_attrs.get("surplus") or t.state.name in ("RUNNING", "WAITING"):
             continue
-        row = {k: v for k, v in t.user_attrs.items() if k not in ("interrupted",)}
+        row = record_of(t)
         row["number"] = t.number
         row["state"] = t.state.name
         for key in ("val_accuracy", "latency_ms", "memory_mb"):

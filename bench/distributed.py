@@ -29,6 +29,7 @@ from common import markdown_table, write_json  # noqa: E402
 
 import optuna  # noqa: E402
 import yaml  # noqa: E402
+from autocompress.search.study import record_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "runs" / "distributed"
@@ -83,10 +84,10 @@ def run_mode(mode: str, workers: int, config: Path) -> dict:
     start = min(t.datetime_start for t in trials)
     end = max(t.datetime_complete for t in trials)
     phase = (end - start).total_seconds()
-    per_trial = [t.user_attrs.get("duration_s") or 0.0 for t in trials]
+    per_trial = [record_of(t).get("duration_s") or 0.0 for t in trials]
     return {"mode": mode, "workers": workers, "trials": len(trials), "trial_phase_s": phase, "wall_s": wall,
             "trials_per_hour_trial_phase": 3600 * len(trials) / phase, "trials_per_hour_end_to_end": 3600 * len(trials) / wall,
-            "mean_trial_s": sum(per_trial) / len(per_trial), "nodes": sorted({str(t.user_attrs.get("node")) for t in trials})}
+            "mean_trial_s": sum(per_trial) / len(per_trial), "nodes": sorted({str(record_of(t).get("node")) for t in trials})}
 
 
 def main() -> None:

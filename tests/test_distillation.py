@@ -25,7 +25,8 @@ from autocompress.policy import Policy
 from autocompress.runner import TrialReport, evaluate_params, prepare
 from autocompress.search import finish_run
 from autocompress.search.early_stopping import MedianRule
-from autocompress.search.optuna_backend import open_study, run_optuna
+from autocompress.search.optuna_backend import OptunaBackend
+from autocompress.search.study import open_study, record_of
 from autocompress.technique import Stage, Technique, TechniqueSettings, TrialStopped
 from autocompress_distillation.train import report_steps
 from autocompress.testing import TechniquePlugin
@@ -172,13 +173,12 @@ def test_early_stopped_trials_are_recorded_as_pruned_in_trials_csv(
     """Multi-objective study: three completed trials report at step 5; a trial whose learning rate wrecks the
     model reports far below their median at step 5 of 10, is stopped there, and trials.csv says so and why."""
     run = run_context(tiny_config, tmp_path, test_plugins, trained_tiny, fmnist, trials=4, baselines=False)
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study = open_study(run, storage, resume=False)
-    for _ in range(3):
-        study.enqueue_trial(params_for(run, steps=5, lr=1e-3, batch_size=32))
-    study.enqueue_trial(params_for(run, steps=10, lr=0.3, batch_size=32))
-    study = run_optuna(run, storage, resume=True)
-    finish_run(run, rows_of(study), tmp_path, log=lambda _: None)
+    with open_study(run, tmp_path, resume=False) as study:
+        for _ in range(3):
+            study.optuna.enqueue_trial(params_for(run, steps=5, lr=1e-3, batch_size=32))
+        study.optuna.enqueue_trial(params_for(run, steps=10, lr=0.3, batch_size=32))
+    _, rows = run_optuna(run, tmp_path)
+    finish_run(run, rows, tmp_path, log=lambda _: None)
 
     trials = pd.read_csv(tmp_path / "trials.csv")
     assert list(trials["state"]) == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
@@ -196,24 +196,24 @@ def test_single_objective_search_prunes_with_successive_halving(
 ):
     run = run_context(tiny_config, tmp_path, test_plugins, trained_tiny, fmnist, trials=4, baselines=False,
                       objective="single")
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study = open_study(run, storage, resume=False)
-    assert len(study.directions) == 1 and type(study.pruner).__name__ == "SuccessiveHalvingPruner"
-    for _ in range(3):
-        study.enqueue_trial(params_for(run, steps=5, lr=1e-3, batch_size=32))
-    study.enqueue_trial(params_for(run, steps=10, lr=0.3, batch_size=32))
-    study = run_optuna(run, storage, resume=True)
-    states = [t.state.name for t in study.trials]
+    with open_study(run, tmp_path, resume=False) as study:
+        assert len(study.optuna.directions) == 1 and type(study.optuna.pruner).__name__ == "SuccessiveHalvingPruner"
+        for _ in range(3):
+            study.optuna.enqueue_trial(params_for(run, steps=5, lr=1e-3, batch_size=32))
+        study.optuna.enqueue_trial(params_for(run, steps=10, lr=0.3, batch_size=32))
+    trials, _ = run_optuna(run, tmp_path)
+    states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
-    pruned = study.trials[3]
+    pruned = trials[3]
     assert list(pruned.intermediate_values) == [5]
-    assert "successive_halving pruner" in pruned.user_attrs["skipped"]
+    assert "successive_halving pruner" in record_of(pruned)["skipped"]
 
 
-def rows_of(study):
-    from autocompress.search.optuna_search import rows_from_study
-
-    return rows_from_study(study)
+def run_optuna(run, run_dir):
+    """The queued trials of the run's study, run by the optuna backend: the study's trials and rows."""
+    with open_study(run, run_dir, resume=True) as study:
+        OptunaBackend().run(run, study, run_dir, True, log=lambda _: None)
+        return study.optuna.get_trials(), study.rows()
 
 
 # --- policies, saved models, errors -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from autocompress.pluginmanager import load_plugins
 from autocompress.results import RECORD_COLUMNS
 from autocompress.search import search
 from autocompress.search.storage import check_storage_url, open_storage
+from autocompress.search.study import record_of
 from autocompress.technique import Stage, Technique, TrialStopped
 from autocompress.testing import TechniquePlugin
 
@@ -80,7 +81,7 @@ def test_ray_trials_land_on_both_nodes_of_a_two_node_cluster_and_keep_the_budget
     # the budget reached Optuna as a constraint (not folded into a metric), as in the Optuna backend
     study = optuna.load_study(study_name="autocompress", storage=f"sqlite:///{run / 'study.db'}")
     for t in study.trials:
-        assert t.system_attrs["constraints:budget"] == pytest.approx(t.user_attrs["memory_mb"] - result.limit)
+        assert t.system_attrs["constraints:budget"] == pytest.approx(record_of(t)["memory_mb"] - result.limit)
 
 
 @pytest.fixture(scope="module")

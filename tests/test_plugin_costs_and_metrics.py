@@ -20,6 +20,7 @@ import autocompress
 from autocompress import Cost, Metric, hookimpl
 from autocompress.budget import Budget
 from autocompress.cli import main
+from autocompress.rundir import record_of
 from autocompress.config import config_from_dict
 from autocompress.errors import InputError
 from autocompress.pluginmanager import load_plugins
@@ -161,7 +162,7 @@ def test_a_plugin_cost_is_a_budget_from_the_command_line(tiny_config, tmp_path, 
     study = optuna.load_study(study_name="autocompress", storage=f"sqlite:///{run / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     for t in done:  # the Pareto front's cost axis and the budget constraint are the parameter count
-        assert t.values[1] == pytest.approx(t.user_attrs["params"])
+        assert t.values[1] == pytest.approx(record_of(t)["params"])
     page = (run / "report.html").read_text()
     assert "params=0.8x" in page and "params ≤" in page
 
@@ -187,7 +188,7 @@ def test_a_plugin_cost_as_a_further_limit_is_a_constraint(tiny_config, tmp_path)
     if constraints:  # Optuna keeps them as a list in order: budget, budget.params
         assert all(len(c) == 2 for c in constraints)
         for t, c in zip(done, constraints):
-            assert c[1] == pytest.approx(t.user_attrs["params"] - limit)
+            assert c[1] == pytest.approx(record_of(t)["params"] - limit)
     # the report shows the budget although the cost was registered in code by this process alone
     page = (tmp_path / "run" / "report.html").read_text()
     assert "memory=0.99x,params=0.8x" in page

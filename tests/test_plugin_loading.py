@@ -92,7 +92,7 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_autocompress_search_stays_the_function_after_backends_are_imported():
-    code = ("import autocompress, autocompress.search.optuna_search; "
+    code = ("import autocompress, autocompress.search.optuna_backend, autocompress.search.study; "
             "assert callable(autocompress.search), type(autocompress.search)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

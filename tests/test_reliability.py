@@ -25,6 +25,7 @@ from autocompress.config import config_from_dict
 from autocompress.errors import SearchInterrupted
 from autocompress.pluginmanager import load_plugins
 from autocompress.search import search  # the function autocompress.search(...) calls
+from autocompress.search.study import record_of
 from autocompress.technique import ApplyContext, Stage, Technique, TechniqueSettings
 from autocompress.timelimit import TrialTimeout, time_limit
 
@@ -225,8 +226,8 @@ def check_resumed_run(run_dir: Path, before: list[optuna.trial.FrozenTrial], tot
     for t in kept:  # kept, unchanged
         assert rows.loc[t.number, "state"] == t.state.name
         assert {c: rows.loc[t.number, c] for c in cols} == {c: t.params[c] for c in cols}
-        if t.user_attrs.get("val_accuracy") is not None:
-            assert rows.loc[t.number, "val_accuracy"] == pytest.approx(t.user_attrs["val_accuracy"])
+        if record_of(t).get("val_accuracy") is not None:
+            assert rows.loc[t.number, "val_accuracy"] == pytest.approx(record_of(t)["val_accuracy"])
     cut = [t for t in after if t.user_attrs.get("interrupted")]
     # the signal almost always lands inside a trial; between two trials nothing is cut
     assert len(cut) <= 1, "only the trial that was running is marked interrupted"

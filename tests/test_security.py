@@ -135,8 +135,8 @@ def test_yaml_is_read_with_the_safe_loader_only():
 _WRITERS = {".write_text", ".write_bytes", ".to_csv", ".to_json", ".to_parquet", ".to_pickle", ".savefig",
             "torch.save", "np.save", "numpy.save", "json.dump", "pickle.dump", "shutil.copy", "shutil.copyfile",
             "shutil.copy2", "shutil.move"}
-#: Ray Tune asks the searcher to write its state to a path Tune chooses and manages (see ray_search.py)
-_EXEMPT = {("autocompress/search/ray_search.py", "save")}
+#: Ray Tune asks the searcher to write its state to a path Tune chooses and manages (see ray_searcher.py)
+_EXEMPT = {("autocompress/search/ray_searcher.py", "save")}
 
 
 def _opens_for_writing(call: ast.Call) -> bool:

@@ -248,7 +248,7 @@ def test_a_resumed_run_neither_profiles_nor_scores_again(tiny_config, tmp_path):
 
 
 def test_the_final_recovery_raises_validation_accuracy_of_a_damaged_policy(tiny_config, tmp_path):
-    from autocompress.search import _finalize
+    from autocompress.search.run import _finalize
     from autocompress.evaluate import accuracy
 
     config = config_from_dict(_memory_config(tiny_config, tmp_path))

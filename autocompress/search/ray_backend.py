@@ -10,7 +10,7 @@
   cores while their latency is measured.
 * The budget: enforced through the Optuna study that ``StudySearcher`` drives by ask/tell, with the budget as a
   constraint exactly as in the Optuna backend (Ray's ``OptunaSearch`` would pass Optuna only objective values); see
-  ``ray_search.py``.
+  ``ray_searcher.py``.
 * Early stopping of training techniques (distillation) is a Tune scheduler on their probes: the median rule for the
   default two-objective search, Ray's ASHA when ``search.objective`` is ``single`` (``search.pruner``).
 * Resume (``--resume``): Tune's experiment is restored with ``Tuner.restore`` (its history and the scheduler's
@@ -31,67 +31,50 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import optuna
-from optuna.trial import TrialState
-
 from autocompress.errors import InputError, SearchInterrupted
-from autocompress.rundir import STUDY_NAME, RunDir, rows_from_study
+from autocompress.pluginmanager import IN_CODE
+from autocompress.rundir import RunDir
 from autocompress.runner import RunContext
-from autocompress.search.optuna_backend import (
-    make_sampler, open_study, start_or_recover,
-)
-from autocompress.search.progress import TrialProgress
 from autocompress.search.ray_worker import WorkerSpec, tune_trial
-from autocompress.search.shared_study import counted_trials, quota_reached
-from autocompress.search.storage import open_storage
+from autocompress.search.study import SearchStudy
 
-__all__ = ["run", "connect"]
+__all__ = ["RayBackend", "connect"]
 
 EXPERIMENT = "tune"  # Tune's experiment folder, under RUN_DIR/ray
 
 
-def run(
-    run: RunContext,
-    run_dir: Path,
-    resume: bool,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    storage: str | None = None,
-    address: str | None = None,
-    max_concurrent: int | None = None,
-    cpus_per_trial: float | None = None,
-    num_cpus: int | None = None,
-) -> list[dict[str, Any]]:
-    """Run the search's trials on Ray; returns the rows of every finished trial (see the module docstring)."""
-    from autocompress.search import ray_search
+class RayBackend:
+    name = "ray"
+    parallel = True
 
-    run_dir = run_dir.resolve()
-    study = _open_study(run, storage or RunDir(run_dir).study_url, resume)
-    total = run.config.search.trials
-    cpus = float(cpus_per_trial or run.config.target.threads)
-    started_ray = connect(address, num_cpus, log)
-    listener = TrialProgress(run, total, progress, log, done=sum(t.state.is_finished() for t in counted_trials(study)))
-    try:
-        _check_resources(cpus)
-        ray_search.set_driver(ray_search.Driver(run, study, total, listener, max_concurrent))
-        slots = _slots(cpus, max_concurrent)
-        tuner = _tuner(run, run_dir, resume, cpus, slots, log)
-        began = time.monotonic()
-        with _quiet_tune():
-            tuner.fit()
-        rows = rows_from_study(study)
-        timeout = run.config.search.timeout_s
-        done = quota_reached(study, total) and not any(t.state == TrialState.RUNNING for t in counted_trials(study))
-        if not done and not (timeout and time.monotonic() - began >= timeout * 0.99):
-            raise SearchInterrupted(rows)  # Tune stopped early on Ctrl-C (it saved its state for Tuner.restore)
-        return rows
-    finally:
-        listener.close()
-        ray_search.set_driver(None)
-        if started_ray:
-            import ray
+    def run(self, run: RunContext, study: SearchStudy, run_dir: Path, resume: bool, log: Callable[[str], None],
+            address: str | None = None, max_concurrent: int | None = None, cpus_per_trial: float | None = None,
+            num_cpus: int | None = None) -> None:
+        """Run the search's trials on Ray (see the module docstring)."""
+        from autocompress.search import ray_searcher
 
-            ray.shutdown()
+        run_dir = run_dir.resolve()
+        cpus = float(cpus_per_trial or run.config.target.threads)
+        started_ray = connect(address, num_cpus, log)
+        try:
+            _check_resources(cpus)
+            ray_searcher.set_driver(ray_searcher.Driver(run, study, max_concurrent))
+            slots = _slots(cpus, max_concurrent)
+            tuner = _tuner(run, run_dir, resume, cpus, slots, log)
+            began = time.monotonic()
+            with _quiet_tune():
+                tuner.fit()
+            timeout = run.config.search.timeout_s
+            if not study.quota_reached() or study.running():
+                if not (timeout and time.monotonic() - began >= timeout * 0.99):
+                    # Tune stopped early on Ctrl-C (it saved its state for Tuner.restore)
+                    raise SearchInterrupted(study.rows())
+        finally:
+            ray_searcher.set_driver(None)
+            if started_ray:
+                import ray
+
+                ray.shutdown()
 
 
 def connect(address: str | None, num_cpus: int | None = None, log: Callable[[str], None] = print) -> bool:
@@ -115,19 +98,6 @@ def connect(address: str | None, num_cpus: int | None = None, log: Callable[[str
     return True
 
 
-def _open_study(run: RunContext, url: str, resume: bool) -> optuna.Study:
-    """The run's study, as the Optuna backend opens it; trials cut short by an interrupted session are re-queued."""
-    storage: Any = url if url.startswith("sqlite") else open_storage(url)
-    try:
-        study = open_study(run, storage, resume)
-    except optuna.exceptions.DuplicatedStudyError:
-        raise InputError("--storage", f"{url} already holds a study {STUDY_NAME!r}; pass --resume to continue it") from None
-    # trials run concurrently: the sampler must not propose the same policy to every free worker
-    study.sampler = make_sampler(run.config.search, seed=run.config.search.seed + len(study.trials), parallel=True)
-    start_or_recover(study, run)
-    return study
-
-
 def worker_spec(run: RunContext) -> WorkerSpec:
     """What a trial needs to rebuild the run in its own process: the config (paths made absolute, no training of a
     missing checkpoint on a worker), the driver's baseline and the techniques. The model and data travel only when
@@ -148,7 +118,7 @@ def _ship_code_registered_techniques(run: RunContext) -> None:
     send its module's code with it (pickled by value) instead of by name."""
     from ray import cloudpickle
 
-    in_code = {info.name for info in run.plugins.info if info.distribution == "(registered in code)"}
+    in_code = {info.name for info in run.plugins.info if info.distribution == IN_CODE}
     for name, technique in run.techniques.items():
         module = sys.modules.get(type(technique).__module__)
         if run.plugins.owners.get(name) in in_code and module is not None and module.__name__ != "__main__":
@@ -182,7 +152,7 @@ def _tuner(run: RunContext, run_dir: Path, resume: bool, cpus: float, slots: int
     """
     from ray import tune
 
-    from autocompress.search.ray_search import StudySearcher, make_scheduler
+    from autocompress.search.ray_searcher import StudySearcher, make_scheduler
 
     trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=worker_spec(run)), {"cpu": cpus})
     root = RunDir(run_dir).ray

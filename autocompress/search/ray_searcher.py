@@ -5,7 +5,7 @@ Why not Ray's ``OptunaSearch``: it hands Optuna nothing but objective values, so
 (``trial.set_constraint``), the enqueued baseline policies and the records of ``trials.csv`` would be lost.
 :class:`StudySearcher` drives the same study the Optuna backend uses through ask/tell: ``suggest`` asks the study for
 a trial (enqueued baselines first) and gives Tune its number and parameters; when Tune reports the trial finished,
-its record goes on the Optuna trial exactly as in the Optuna backend (user attributes, the budget as a constraint,
+its record goes to the study by ``SearchStudy.tell``, as for every backend (the record, the budget as a constraint,
 accuracy and cost as values). The study is the whole state: the run directory and ``--resume`` work as for Optuna.
 
 Tune pickles the searcher and the scheduler into its experiment state (``Tuner.restore``), so both keep no state of
@@ -20,10 +20,9 @@ import math
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
@@ -32,13 +31,10 @@ from autocompress.compose import simulated_layers
 from autocompress.record import TrialRecord
 from autocompress.runner import RunContext, format_progress, parse_progress
 from autocompress.search.early_stopping import MedianRule, resolve_pruner
-from autocompress.search.optuna_backend import (
-    enqueue_followups, label_record, set_budget_constraints,
-)
 from autocompress.search.ray_worker import COST_KEY, NODE_KEY, RECORD_KEY, SCORE_KEY, STEP_KEY
-from autocompress.search.shared_study import is_surplus, quota_reached
+from autocompress.search.study import SearchStudy, record_of
 
-__all__ = ["Driver", "StudySearcher", "make_scheduler", "tell_record"]
+__all__ = ["Driver", "StudySearcher", "make_scheduler"]
 
 
 @dataclass
@@ -46,12 +42,11 @@ class Driver:
     """What the searcher and the scheduler need in this session (never pickled)."""
 
     run: RunContext
-    study: optuna.Study
-    total: int
-    on_trial: Callable[[dict[str, Any]], None]
+    study: SearchStudy
     max_concurrent: int | None = None
     stopped: dict[str, str] = field(default_factory=dict)  # Tune trial id -> why a scheduler stopped it
     started: dict[str, float] = field(default_factory=dict)  # Tune trial id -> when it was suggested
+    trials: dict[str, optuna.Trial] = field(default_factory=dict)  # Tune trial id -> the study's trial
 
 
 _DRIVER: Driver | None = None
@@ -64,7 +59,7 @@ def set_driver(driver: Driver | None) -> None:
 
 def _driver() -> Driver:
     if _DRIVER is None:
-        raise RuntimeError("the Ray backend's searcher runs only inside autocompress.search.ray_backend.run")
+        raise RuntimeError("the Ray backend's searcher runs only inside autocompress.search.ray_backend")
     return _DRIVER
 
 
@@ -73,7 +68,7 @@ class StudySearcher(Searcher):
 
     def __init__(self) -> None:
         super().__init__(metric=None, mode=None)
-        self._live: dict[str, int] = {}  # Tune trial id -> Optuna storage trial id
+        self._live: dict[str, int] = {}  # Tune trial id -> the study's trial number
         self._probes: dict[str, dict[int, float]] = {}  # Tune trial id -> intermediate scores seen so far
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -86,16 +81,14 @@ class StudySearcher(Searcher):
         d = _driver()
         if d.max_concurrent and len(self._live) >= d.max_concurrent:
             return None
-        if quota_reached(d.study, d.total):
+        if d.study.quota_reached():
             # FINISHED only once nothing runs: Tune saves it, and a run interrupted now must still resume
             return Searcher.FINISHED if not self._live else None
-        dims = d.run.space.dimensions
-        trial = d.study.ask({dim.name: CategoricalDistribution(list(dim.choices)) for dim in dims})
-        if is_surplus(d.study, trial, d.total):  # an enqueued trial past the total
-            trial.set_user_attr("surplus", True)
-            d.study.tell(trial, state=TrialState.FAIL)
+        trial = d.study.ask()
+        if trial is None:  # an enqueued trial past the total, given back
             return None
-        self._live[trial_id] = trial._trial_id
+        self._live[trial_id] = trial.number
+        d.trials[trial_id] = trial
         d.started[trial_id] = time.perf_counter()
         return {"number": trial.number, "params": dict(trial.params)}
 
@@ -104,15 +97,15 @@ class StudySearcher(Searcher):
             self._probes.setdefault(trial_id, {})[int(result[STEP_KEY])] = float(result[SCORE_KEY])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        storage_id = self._live.pop(trial_id, None)
+        number = self._live.pop(trial_id, None)
         probes = self._probes.pop(trial_id, {})
-        if storage_id is None:
-            return
         d = _driver()
+        trial = d.trials.pop(trial_id, None)
+        if number is None or trial is None:
+            return
         result = result or {}
         if STEP_KEY in result and SCORE_KEY in result:  # the probe on which the scheduler stopped it
             probes[int(result[STEP_KEY])] = float(result[SCORE_KEY])
-        trial = optuna.trial.Trial(d.study, storage_id)
         started = d.started.pop(trial_id, time.perf_counter())
         if RECORD_KEY in result:
             record = json.loads(result[RECORD_KEY])
@@ -121,9 +114,7 @@ class StudySearcher(Searcher):
             record["duration_s"] = round(time.perf_counter() - started, 3)  # includes waiting for a worker
         else:
             return  # ended with the session (Ctrl-C): stays RUNNING in the study, and --resume runs it again
-        tell_record(d.study, trial, record, d.run)
-        enqueue_followups(d.study, d.run)
-        d.on_trial(record)
+        d.study.tell(trial, record)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as fh:  # the study holds the state; see the module docstring
@@ -149,20 +140,6 @@ def _unfinished_record(d: Driver, trial: optuna.Trial, why: str, result: dict, p
         step = max(probes) if probes else 0
         record = TrialRecord.stopped(trial.number, f"stopped early at step {step} ({why})", **fields)
     return record.to_dict()
-
-
-def tell_record(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any], run: RunContext) -> None:
-    """Finish ``trial`` with ``record`` the way the Optuna backend's objective does (``optuna_backend.make_objective``):
-    the record as user attributes, the budget as a constraint, accuracy (and the budgeted cost) as values."""
-    label_record(record, trial)
-    for key, value in record.items():
-        if key not in ("number", "state"):
-            trial.set_user_attr(key, None if isinstance(value, float) and math.isnan(value) else value)
-    if record["state"] in ("FAIL", "PRUNED"):
-        study.tell(trial, state=TrialState[record["state"]])
-        return
-    record = {**record, **{k: math.nan for k, v in record.items() if v is None}}  # JSON null: not measured
-    study.tell(trial, set_budget_constraints(trial, record, run, len(study.directions) == 1))
 
 
 class _NotesStops:
@@ -204,8 +181,9 @@ class MedianRuleScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         d = _DRIVER
         metric = d.run.budget.metric
-        done = d.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        finished = [(parse_progress(t.user_attrs.get("progress")), _number(t.user_attrs.get(metric))) for t in done]
+        done = d.study.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        records = [record_of(t) for t in done]
+        finished = [(parse_progress(r.get("progress")), _number(r.get(metric))) for r in records]
         cost = result.get(COST_KEY)
         why = self._rule.reason_to_stop(int(result[STEP_KEY]), float(result[SCORE_KEY]),
                                         cost if isinstance(cost, float) else math.nan, finished)
