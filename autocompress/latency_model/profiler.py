@@ -124,26 +124,9 @@ def profile(
 
     started = time.perf_counter()
     stats = ProfileStats()
-    if force:
-        table.entries.clear()
-        table.global_options.clear()
-        table.base_ms = None
     model.eval()
     with torch.random.fork_rng(), num_threads(timing.threads), torch.inference_mode():
-        globals_ = list(global_settings(space))
-        classify_globals(table, model, techniques, globals_)
-        layout = Layout.of(space, table.neutral_options(globals_))
-        stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
-        tasks: list[tuple[str, tuple[Setting, ...]]] = []
-        for name in layout.layers:
-            combos, _ = layout.combinations(name, max_combinations)
-            for settings in combos:
-                stats.variants += 1
-                if table.has(name, settings_key(settings)):
-                    stats.from_table += 1
-                elif settings:  # identity entries come from the context rounds
-                    tasks.append((name, settings))
-        need_context = table.base_ms is None or any(not table.has(name, "") for name in layout.layers)
+        layout, tasks, need_context = plan_profile(table, model, space, techniques, stats, max_combinations, force)
         if not (tasks or need_context):
             table.save()
             stats.seconds = time.perf_counter() - started
@@ -178,6 +161,34 @@ def profile(
             table.save()
     stats.seconds = time.perf_counter() - started
     return layout, stats
+
+
+def plan_profile(
+    table: LatencyTable, model: nn.Module, space: ResolvedSpace, techniques: Mapping[str, Technique],
+    stats: ProfileStats, max_combinations: int = 64, force: bool = False,
+) -> tuple[Layout, list[tuple[str, tuple[Setting, ...]]], bool]:
+    """What a profile must time (every profiler, in torch or another runtime): the layout the entries are keyed by
+    (global options classified), the (layer, settings) variants the table lacks (identity entries aside), and
+    whether the uncompressed model and the identity entries must be timed. ``force`` empties the table first."""
+    if force:
+        table.entries.clear()
+        table.global_options.clear()
+        table.base_ms = None
+    globals_ = list(global_settings(space))
+    classify_globals(table, model, techniques, globals_)
+    layout = Layout.of(space, table.neutral_options(globals_))
+    stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
+    tasks: list[tuple[str, tuple[Setting, ...]]] = []
+    for name in layout.layers:
+        combos, _ = layout.combinations(name, max_combinations)
+        for settings in combos:
+            stats.variants += 1
+            if table.has(name, settings_key(settings)):
+                stats.from_table += 1
+            elif settings:  # identity entries come from the context rounds
+                tasks.append((name, settings))
+    need_context = table.base_ms is None or any(not table.has(name, "") for name in layout.layers)
+    return layout, tasks, need_context
 
 
 def classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping[str, Technique],

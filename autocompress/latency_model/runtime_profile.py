@@ -30,9 +30,9 @@ from torch import nn
 from autocompress.compose import apply_policy
 from autocompress.costs import measure_latency, num_threads, paired_ratio
 from autocompress.latency_model.copying import path_copy_many
-from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, rename_layer, settings_key
+from autocompress.latency_model.layout import MODEL, Layout, Setting, rename_layer, settings_key
 from autocompress.latency_model.profiler import (
-    ProfileStats, Timing, classify_globals, failure, ProfileSession, split_mirrored, structure_signature,
+    ProfileSession, ProfileStats, Timing, failure, plan_profile, split_mirrored, structure_signature,
 )
 from autocompress.latency_model.table import LatencyTable
 from autocompress.policy import Policy
@@ -60,26 +60,9 @@ def profile_in_runtime(
 
     started = time.perf_counter()
     stats = ProfileStats()
-    if force:
-        table.entries.clear()
-        table.global_options.clear()
-        table.base_ms = None
     model.eval()
     with torch.random.fork_rng(), num_threads(timing.threads), torch.inference_mode():
-        globals_ = list(global_settings(space))
-        classify_globals(table, model, techniques, globals_)
-        layout = Layout.of(space, table.neutral_options(globals_))
-        stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
-        tasks: list[tuple[str, tuple[Setting, ...]]] = []
-        for name in layout.layers:
-            combos, _ = layout.combinations(name, max_combinations)
-            for settings in combos:
-                stats.variants += 1
-                if table.has(name, settings_key(settings)):
-                    stats.from_table += 1
-                elif settings:
-                    tasks.append((name, settings))
-        need_base = table.base_ms is None or any(not table.has(name, "") for name in layout.layers)
+        layout, tasks, need_base = plan_profile(table, model, space, techniques, stats, max_combinations, force)
         if not (tasks or need_base):
             table.save()
             stats.seconds = time.perf_counter() - started
