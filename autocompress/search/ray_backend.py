@@ -109,7 +109,7 @@ def worker_spec(run: RunContext) -> WorkerSpec:
     return WorkerSpec(
         key=uuid.uuid4().hex, config=config, baseline=run.baseline.to_dict(), techniques=dict(run.techniques),
         model=None if run.rebuildable else run.model, data=None if run.data_from_config else run.data,
-        metric=run.metric, costs=dict(run.plugins.costs),
+        metric=run.metric, costs=dict(run.plugins.costs), runtimes=dict(run.plugins.runtimes),
     )
 
 

@@ -49,6 +49,7 @@ class WorkerSpec:
     data: Dataset | None = None  # only when the run's data are not described by its config
     metric: Any = None  # the run's autocompress.metric.Metric (a user's evaluator travels pickled)
     costs: dict[str, Any] = field(default_factory=dict)  # the registered costs (Cost), for the budget's look-up
+    runtimes: dict[str, Any] = field(default_factory=dict)  # the registered runtimes, to time in target.runtime
 
 
 def worker_run(spec: WorkerSpec) -> RunContext:
@@ -57,7 +58,7 @@ def worker_run(spec: WorkerSpec) -> RunContext:
     if run is None:
         _RUNS.clear()  # free the previous run's model and data first
         plugins = Plugins(manager=pluggy.PluginManager(PROJECT), techniques=dict(spec.techniques),
-                          costs=dict(spec.costs))
+                          costs=dict(spec.costs), runtimes=dict(spec.runtimes))
         # the driver planned the run (the solver's table and seeds); a worker profiles only when the config asks
         # for the latency model by name, to skip candidates on their prediction
         run = prepare(spec.config, plugins=plugins, model=spec.model, data=spec.data, baseline=spec.baseline,
