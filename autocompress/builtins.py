@@ -16,7 +16,7 @@ from typing import Any, Callable
 from autocompress.cost_kinds import Cost
 from autocompress.hookspecs import hookimpl
 from autocompress.metric import ACCURACY, Metric
-from autocompress.runtime import TORCH, Runtime
+from autocompress.runtime import TORCH, ONNXRuntime, OpenVINORuntime, Runtime
 
 __all__ = ["BUILTIN_COSTS", "LATENCY", "MEMORY", "PLUGIN_NAME"]
 
@@ -63,4 +63,6 @@ def autocompress_register_metrics(register: Callable[[Metric], None]) -> None:
 
 @hookimpl
 def autocompress_register_runtimes(register: Callable[[Runtime], None]) -> None:
-    register(TORCH)
+    register(TORCH)  # always there
+    register(ONNXRuntime())  # need their extra only when a config asks for them
+    register(OpenVINORuntime())
