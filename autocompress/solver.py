@@ -26,6 +26,9 @@ __all__ = ["Option", "SolverError", "solve"]
 
 #: HiGHS stops after this many seconds; the best solution found by then is used (the demo solves in well under 1 s)
 TIME_LIMIT_S = 30.0
+#: a cutoff is loosened by this much, far above the tie-break and far below any damage that tells options apart,
+#: so a choice exactly as good as the cutoff is still returned and the caller's own comparison decides
+CUTOFF_SLACK = 1e-6
 
 
 class SolverError(AutocompressError):
@@ -49,12 +52,14 @@ class Option:
 
 
 def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[float] | None = None,
-          exclude: Sequence[Sequence[int]] = ()) -> list[int] | None:
+          exclude: Sequence[Sequence[int]] = (), cutoff: float | None = None) -> list[int] | None:
     """Indices of the chosen options (one per layer and parent), or None when no choice meets ``limits``.
 
     ``fixed`` is the cost no option covers (the residual), subtracted from each limit. ``exclude``: solutions (as
     returned) that must not be chosen again, so repeated solves give the next best. Among equally damaging choices
-    the cheaper one wins (a tie-break far below any measured damage).
+    the cheaper one wins (a tie-break far below any measured damage). ``cutoff``: only a choice whose summed damage
+    is below it is wanted (None otherwise): HiGHS then prunes every branch that cannot beat it, which keeps the
+    answer exact for a caller comparing several problems and makes the ones that cannot win quick to dismiss.
     """
     try:
         import highspy
@@ -97,13 +102,15 @@ def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[fl
     for k, limit in enumerate(limits):
         if math.isfinite(limit):
             h.addRow(-highspy.kHighsInf, float(limit) - float(fixed[k]), n, index, costs[:, k])
+    if cutoff is not None and math.isfinite(cutoff):  # as a row: HiGHS's objective_bound option is not a hard cut
+        h.addRow(-highspy.kHighsInf, float(cutoff) + CUTOFF_SLACK, n, index, damage + tie)
     h.run()
     status = h.getModelStatus()
     if status == highspy.HighsModelStatus.kInfeasible:
         return None
     solution = h.getSolution()
     if not solution.value_valid:
-        if status == highspy.HighsModelStatus.kTimeLimit:
+        if status == highspy.HighsModelStatus.kTimeLimit or cutoff is not None:
             return None
         raise SolverError(f"HiGHS ended with {status}")
     return [i for i, x in enumerate(solution.col_value) if x > 0.5]

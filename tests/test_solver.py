@@ -94,6 +94,24 @@ def test_the_solver_says_when_nothing_fits():
     assert solve(options, (9.0,)) == [0], "the undamaged option wins when it fits"
 
 
+def test_a_cutoff_keeps_the_optimum_when_it_beats_the_cutoff_and_returns_nothing_otherwise():
+    rng = random.Random(1)
+    for trial in range(4):
+        options = _nested_problem(rng)
+        full = sum(o.costs[0] for o in options)
+        for fraction in (0.3, 0.6):
+            limit = 1.0 + fraction * full
+            expected = _brute_force(options, limit, fixed=1.0)
+            if expected is None:
+                continue
+            above = solve(options, (limit,), (1.0,), cutoff=expected[0] + 0.05)
+            assert above is not None, f"problem {trial} at {fraction}: the optimum beats the cutoff"
+            assert sum(options[i].damage for i in above) == pytest.approx(expected[0], abs=1e-9)
+            if expected[0] > 0.01:
+                assert solve(options, (limit,), (1.0,), cutoff=expected[0] - 0.01) is None, \
+                    f"problem {trial} at {fraction}: nothing beats a cutoff below the optimum"
+
+
 # --- damage ----------------------------------------------------------------------------------------------------------
 
 
