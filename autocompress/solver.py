@@ -102,7 +102,8 @@ def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[fl
     for k, limit in enumerate(limits):
         if math.isfinite(limit):
             h.addRow(-highspy.kHighsInf, float(limit) - float(fixed[k]), n, index, costs[:, k])
-    if cutoff is not None and math.isfinite(cutoff):  # as a row: HiGHS's objective_bound option is not a hard cut
+    cut = cutoff is not None and math.isfinite(cutoff)
+    if cut:  # as a row: HiGHS's objective_bound option is not a hard cut
         h.addRow(-highspy.kHighsInf, float(cutoff) + CUTOFF_SLACK, n, index, damage + tie)
     h.run()
     status = h.getModelStatus()
@@ -110,7 +111,7 @@ def solve(options: Sequence[Option], limits: Sequence[float], fixed: Sequence[fl
         return None
     solution = h.getSolution()
     if not solution.value_valid:
-        if status == highspy.HighsModelStatus.kTimeLimit or cutoff is not None:
+        if status == highspy.HighsModelStatus.kTimeLimit or cut:  # nothing beats the cutoff
             return None
         raise SolverError(f"HiGHS ended with {status}")
     return [i for i, x in enumerate(solution.col_value) if x > 0.5]
