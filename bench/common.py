@@ -15,7 +15,7 @@ from autocompress.cpu import cpu_info
 
 
 def cpu_folder() -> str:
-    """bench/results/<this>: results are kept per CPU kind ('avx512-bf16', 'avx2', 'avx2-capped-on-avx512-bf16'),
+    """bench/results/<this>: results are kept per CPU kind ('avx512-amx', 'avx512-bf16', 'avx2', 'avx2-capped-on-avx512-amx'),
     so a run on one kind never overwrites the figures of another."""
     label = cpu_info().label.lower().replace("avx-512", "avx512").replace("capped on", "capped-on")
     return re.sub(r"[^a-z0-9]+", "-", label).strip("-")

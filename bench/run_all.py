@@ -2,7 +2,7 @@
 
     python bench/run_all.py [--only NAME ...] [--quick]
 
-Writes, under bench/results/CPU/ (CPU: this machine's kind as torch sees it, e.g. ``avx512-bf16`` or ``avx2``; run
+Writes, under bench/results/CPU/ (CPU: this machine's kind as torch sees it, e.g. ``avx512-amx``, ``avx512-bf16`` or ``avx2``; run
 with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for ``avx2-capped-on-...``), NAME.json (one per benchmark),
 each benchmark's printed tables to NAME.md, and SUMMARY.md: every NAME.md present, in the order below (so
 ``--only`` refreshes some sections and keeps the others, each with the date it was taken).
