@@ -377,6 +377,49 @@ def test_a_table_that_no_longer_matches_the_machine_is_profiled_again(tmp_path, 
         assert predictor.base_ms == pytest.approx(10.0)
 
 
+@pytest.mark.speed
+def test_a_cached_table_is_checked_on_a_composed_policy_and_profiled_again_when_only_its_combinations_are_off(
+        tmp_path, plugins):
+    """Uniform policies read a table's single-setting entries only, the solver's policies its combinations. A cached
+    table whose combination entries no longer match (here: every entry of two pruning settings at once made to look
+    4x slower than measured) passes the uniform check, so a cached table is also checked on the composed corner
+    (each knob at its value predicted fastest alone, all at once), and profiled again when that is off."""
+    from autocompress.latency_model import composed_corner, predictor_for_run
+
+    kwargs = {**TINY_VIT, "embed_dim": 96, "num_heads": 3}
+    model = make_tiny_vit(embed_dim=96, num_heads=3)
+    example = torch.randn(64, 1, 28, 28)
+    space = SearchSpace.from_dict({"techniques": {"pruning": {"layers": [
+        {"match": "re:blocks\\.\\d+", "heads": [1.0, 0.34], "mlp": [1.0, 0.25]}]}}}).resolve(model, plugins.techniques)
+    path = tmp_path / "table.json"
+    config = config_from_dict({"model": {"name": "vit_tiny_patch16_224", "kwargs": kwargs},
+                               "target": {"threads": 2, "batch_size": 64, "warmup": 1, "repeats": 5},
+                               "search": {"latency_table": str(path)}})
+    fresh, _ = build_predictor(model, example, space, plugins, model_name="vit_tiny_patch16_224", model_kwargs=kwargs,
+                               threads=2, warmup=1, repeats=5, path=path, progress=False)
+    if composed_corner(fresh, space) is None:  # the machine decides: a corner needs two knobs that pay alone
+        pytest.skip("pruning heads or MLP channels alone is not predicted faster than the dense block on this CPU")
+    table = LatencyTable.load(path)
+    measured = {}
+    for layer, entries in table.entries.items():
+        for key, entry in entries.items():
+            if key.count(";") == 1 and "pruning.heads" in key and "pruning.mlp" in key:
+                measured[layer, key] = entry["ratio"]
+                entry["ratio"] *= 4
+    assert measured
+    table.save()
+    logged: list[str] = []
+    predictor = predictor_for_run(config, model, example, space, plugins, 10.0, log=logged.append, progress=False)
+    assert any("does not match this machine" in line and "composed: " in line for line in logged), logged
+    again = LatencyTable.load(path)
+    remeasured = {(layer, k): e["ratio"] for layer, entries in again.entries.items() for k, e in entries.items()
+                  if (layer, k) in measured}
+    assert set(remeasured) == set(measured)
+    assert all(remeasured[k] < 2 * measured[k] for k in measured), (measured, remeasured)
+    if predictor is not None:  # the fresh table passed the check
+        assert predictor.base_ms == pytest.approx(10.0)
+
+
 def test_a_margin_below_one_is_refused_naming_the_field(tmp_path):
     with pytest.raises(InputError, match="search.latency_model_margin"):
         autocompress.search({"model": {"name": "vit_tiny_patch16_224"}, "search": {"latency_model_margin": 0.8}},
