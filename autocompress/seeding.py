@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -124,12 +124,43 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         problems.append((g, options, settings_of, fixed, global_damage))
     plan.solver = Solver(run, problems, identities, recovery, run_dir=run_dir, log=log)
     seeds = plan.solver.seeds(run.config.search.solver_fractions, log=log)
+    if not seeds and LATENCY in run.budget.costs:
+        seeds, plan.why_none = _near_the_floor(plan.solver, run, log)
     plan.phases["solve"] = time.perf_counter() - started
     if not seeds:
-        plan.why_none = "no policy is predicted within the budget"
+        plan.why_none = plan.why_none or "no policy is predicted within the budget"
     plan.seeds = seeds
     plan.solver.write(run_dir)
     return plan
+
+
+#: when nothing is predicted within the latency limit: seeds at these fractions of limit x latency_model_margin
+NEAR_THE_FLOOR = (0.95, 1.0)
+
+
+def _near_the_floor(solver: "Solver", run: Any, log: Log) -> tuple[list[Seed], str]:
+    """Nothing is predicted within the latency limit: say how fast the space can get on this CPU, and seed the
+    least damaging policies predicted within the margin the search measures anyway (``latency_model_margin``): the
+    table errs by a few percent either way, so near the floor the measurement decides. Seen on a Xeon with AMX
+    (the demo at 0.5x): the fastest policies were predicted at 0.51-0.53x and one measured 0.49x."""
+    from autocompress.config import latency_model_margin
+    from autocompress.cpu import cpu_info
+
+    base, limit = run.baseline.cost(LATENCY.column), run.limits[LATENCY.column]
+    floor = solver.fastest()
+    if floor is None:
+        return [], ""
+    log(f"solver: the fastest policy of this space is predicted at {floor:.2f} ms ({floor / base:.2f}x the "
+        f"uncompressed model) on this CPU ({cpu_info().label}); the budget asks for {limit:.2f} ms "
+        f"({limit / base:.2f}x)")
+    margin = latency_model_margin(run.config.search)
+    why = (f"the fastest policy is predicted at {floor / base:.2f}x the uncompressed latency, over the budget's "
+           f"{limit / base:.2f}x")
+    if margin <= 1.0 or floor > margin * limit:
+        return [], why + (f" by more than the latency model's margin ({margin:g})" if margin > 1.0 else "")
+    seeds = solver.seeds(list(NEAR_THE_FLOOR), scale=1.0 / margin, log=log,
+                         label=f" x margin {margin:g} (nothing predicted within the limit)")
+    return seeds, "" if seeds else why
 
 
 class Solver:
@@ -170,7 +201,7 @@ class Solver:
                 if best is None or (total, index) < (best[0], best[2]):  # ties: the lower index, as before
                     best = (total, fixed[0] + sum(options[i].costs[0] for i in chosen), index, chosen, g, settings_of)
             if best is None:
-                log(f"solver: nothing predicted within {fraction:g} x the limit")
+                log(f"solver: nothing predicted within {fraction:g} x the limit{label}")
                 continue
             total, cost, index, chosen, g, settings_of = best
             self.last_winner = index
@@ -191,6 +222,24 @@ class Solver:
             log(f"{seed.label}: predicted {seed.predicted:.2f} {unit} ({seed.predicted / base:.2f}x), damage "
                 f"{seed.damage:.4f}: {run.policy(seed.params).summary()}")
         return out
+
+    def fastest(self) -> float | None:
+        """The least latency (ms) the table predicts for any policy of the space, whatever its damage and its
+        other costs; None without a latency limit."""
+        metrics = list(self.run.limits)
+        if LATENCY.column not in metrics:
+            return None
+        k = metrics.index(LATENCY.column)
+        best = None
+        for _, options, _, fixed, global_damage in self.problems:
+            if not math.isfinite(global_damage):
+                continue
+            by_latency = [replace(o, damage=o.costs[k]) for o in options]
+            chosen = solve(by_latency, [math.inf] * len(metrics), fixed)
+            if chosen is not None:
+                total = fixed[k] + sum(options[i].costs[k] for i in chosen)
+                best = total if best is None else min(best, total)
+        return best
 
     def write(self, run_dir: Path | None = None) -> None:
         run_dir = run_dir or self.run_dir

@@ -235,9 +235,12 @@ def test_latency_seeds_cost_what_the_table_predicts(tiny_config, tmp_path):
                                "search": {"trials": 1, "seed": 0, "latency_table": str(tmp_path / "table.json")}})
     run = prepare(config, log=lambda _: None)
     assert run.latency_model is not None, "strategy solve profiles the table first"
-    # a limit the table says the most compressed policy meets at the lowest fraction (whatever this CPU measured)
-    most = {d.name: d.choices[-1] for d in run.space.dimensions}
-    cheapest = run.latency_model.predict(most)
+    # a limit the table says the fastest policy meets at the lowest fraction (whatever this CPU measured). Not the
+    # most compressed one: on a Xeon with AMX, rank 0.25 on the tiny model's MLPs pruned to 0.25 (48 -> 12 -> 48)
+    # was predicted slower than the dense model, two small GEMMs costing more than one
+    policies = [{d.name: v for d, v in zip(run.space.dimensions, values)}
+                for values in itertools.product(*(d.choices for d in run.space.dimensions))]
+    cheapest = min(run.latency_model.predict(p) for p in policies)
     assert cheapest < run.latency_model.base_ms, "pruning and low rank shorten the table's prediction"
     run.budget = Budget.parse(f"latency_ms={1.01 * cheapest / min(run.config.search.solver_fractions):.6f}")
     plan = plan_seeds(run, tmp_path, log=lambda _: None)
@@ -245,6 +248,46 @@ def test_latency_seeds_cost_what_the_table_predicts(tiny_config, tmp_path):
     for seed in plan.seeds:
         assert seed.predicted == pytest.approx(run.latency_model.predict(seed.params), rel=1e-6)
         assert seed.predicted <= seed.fraction * run.limit + 1e-9
+
+
+def test_a_budget_just_past_the_floor_is_seeded_within_the_margin_and_one_far_past_it_names_the_floor(
+        tiny_config, tmp_path):
+    """Nothing is predicted within the limit: the solver logs the fastest latency the space reaches (no policy is
+    predicted faster), and seeds the least damaging policies predicted within latency_model_margin x the limit,
+    which the search measures anyway; with the limit below floor / margin there are no seeds, and the reason
+    names the floor."""
+    space = {"techniques": {
+        "lowrank": {"layers": [{"match": "re:blocks\\.\\d+\\.mlp\\.(fc1|fc2)", "rank": [1.0, 0.25]}]},
+        "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "mlp": [1.0, 0.5, 0.25]}]},
+    }}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config = config_from_dict({**tiny_config, "space": str(tmp_path / "space.yaml"), "budget": "latency=0.99x",
+                               "search": {"trials": 1, "seed": 0, "latency_table": str(tmp_path / "table.json"),
+                                          "latency_model_margin": 1.1}})
+    run = prepare(config, log=lambda _: None)
+    assert run.latency_model is not None
+    plan = plan_seeds(run, tmp_path, log=lambda _: None)
+    floor = plan.solver.fastest()
+    policies = [{d.name: v for d, v in zip(run.space.dimensions, values)}
+                for values in itertools.product(*(d.choices for d in run.space.dimensions))]
+    assert floor == pytest.approx(min(run.latency_model.predict(p) for p in policies), rel=1e-6), \
+        "the floor is the least prediction over every policy of the space"
+
+    run.budget = Budget.parse(f"latency_ms={floor / 1.05:.6f}")  # within the margin: 1.05 x the limit reaches it
+    lines: list[str] = []
+    plan = plan_seeds(run, tmp_path, log=lines.append)
+    assert any(line.startswith("solver: the fastest policy of this space is predicted at") and f"{floor:.2f} ms" in line
+               for line in lines), lines
+    assert plan.seeds, plan.why_none
+    for seed in plan.seeds:
+        assert run.limit < seed.predicted <= 1.1 * run.limit * (1 + 1e-9)
+        assert "margin 1.1" in seed.label
+        assert seed.predicted == pytest.approx(run.latency_model.predict(seed.params), rel=1e-6)
+
+    run.budget = Budget.parse(f"latency_ms={floor / 1.2:.6f}")  # past the margin: nothing to measure
+    plan = plan_seeds(run, tmp_path, log=lambda _: None)
+    assert not plan.seeds
+    assert "fastest policy is predicted at" in plan.why_none and "margin" in plan.why_none, plan.why_none
 
 
 def test_a_resumed_run_neither_profiles_nor_scores_again(tiny_config, tmp_path):
