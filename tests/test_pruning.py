@@ -188,7 +188,7 @@ def test_the_vit_space_file_offers_sensible_choices_for_the_demo_vit() -> None:
     assert len(dims) == 6 * 2 + 1
     heads = {kept_count(3, v) for v in dims["blocks.5:pruning.heads"].choices}
     widths = {kept_count(384, v) for v in dims["blocks.0:pruning.mlp"].choices}
-    assert heads == {3, 2, 1} and widths == {384, 288, 192, 96}
+    assert heads == {3, 2, 1} and widths == {384, 288, 192, 96, 48}  # 48: MLP 0.125, the floor on fast-GEMM CPUs
     assert set(dims["pruning.criterion"].choices) == {"l1", "taylor"}
 
 
