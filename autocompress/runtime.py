@@ -112,6 +112,9 @@ class ONNXRuntime(_Exported):
             path = self._onnx(model, example, plugins, Path(folder))
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            # ORT's threads spin after each run by default: with several sessions alive (a candidate timed in
+            # turns with the reference), the idle one's spinning threads take the cores from the one being timed
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {INPUT: example.numpy()}
         return lambda: session.run(None, feed)
