@@ -346,6 +346,33 @@ def test_search_skips_candidates_predicted_over_budget_and_measures_the_rest(tmp
     assert len(list((tmp_path / "cache" / "latency_tables").glob("*.json"))) == 1
 
 
+def _inflate(path, wanted) -> dict:
+    """Make every entry of the table at ``path`` whose key ``wanted`` accepts look 4x slower than it was measured;
+    what was measured, by (layer, key)."""
+    table = LatencyTable.load(path)
+    measured = {}
+    for layer, entries in table.entries.items():
+        for key, entry in entries.items():
+            if wanted(key):
+                measured[layer, key] = entry["ratio"]
+                entry["ratio"] *= 4
+    assert measured
+    table.save()
+    return measured
+
+
+def _check_profiled_again(path, measured: dict, predictor) -> None:
+    """Profiled again: each inflated entry is back near what this CPU measured, below the geometric midpoint (2x)
+    between that and the 4x inflated value, whatever the CPU's kernels cost."""
+    again = LatencyTable.load(path)
+    remeasured = {(layer, k): e["ratio"] for layer, entries in again.entries.items() for k, e in entries.items()
+                  if (layer, k) in measured}
+    assert set(remeasured) == set(measured)
+    assert all(remeasured[k] < 2 * measured[k] for k in measured), (measured, remeasured)
+    if predictor is not None:  # the fresh table passed the check
+        assert predictor.base_ms == pytest.approx(10.0)
+
+
 @pytest.mark.speed
 def test_a_table_that_no_longer_matches_the_machine_is_profiled_again(tmp_path, plugins):
     """A search checks the table against a few uniform policies timed now; one that mis-predicts them (here: bf16
@@ -363,27 +390,12 @@ def test_a_table_that_no_longer_matches_the_machine_is_profiled_again(tmp_path, 
                                "search": {"latency_table": str(path)}})
     build_predictor(model, example, space, plugins, model_name="vit_tiny_patch16_224", model_kwargs=kwargs,
                     threads=2, warmup=1, repeats=5, path=path, progress=False)
-    table = LatencyTable.load(path)
-    measured = {}  # what this CPU gave for each bf16 entry: ~0.5-1x fp32 with AVX-512 bf16, 8-15x on AVX2 alone
-    for layer, entries in table.entries.items():
-        for key, entry in entries.items():
-            if '"bf16"' in key:
-                measured[layer, key] = entry["ratio"]
-                entry["ratio"] *= 4
-    assert measured
-    table.save()
+    # what this CPU gave for each bf16 entry: ~0.5-1x fp32 with AVX-512 bf16, 8-15x on AVX2 alone
+    measured = _inflate(path, lambda key: '"bf16"' in key)
     logged: list[str] = []
     predictor = predictor_for_run(config, model, example, space, plugins, 10.0, log=logged.append, progress=False)
     assert any("does not match this machine" in line and "bf16" in line for line in logged), logged
-    again = LatencyTable.load(path)
-    # profiled again: each bf16 entry is back near what this CPU measured, below the geometric midpoint (2x) between
-    # that and the 4x inflated value, whatever the CPU's bf16 kernels cost
-    remeasured = {(layer, k): e["ratio"] for layer, entries in again.entries.items() for k, e in entries.items()
-                  if (layer, k) in measured}
-    assert set(remeasured) == set(measured)
-    assert all(remeasured[k] < 2 * measured[k] for k in measured), (measured, remeasured)
-    if predictor is not None:  # the fresh table passed the check
-        assert predictor.base_ms == pytest.approx(10.0)
+    _check_profiled_again(path, measured, predictor)
 
 
 @pytest.mark.speed
@@ -408,25 +420,11 @@ def test_a_cached_table_is_checked_on_a_composed_policy_and_profiled_again_when_
                                threads=2, warmup=1, repeats=5, path=path, progress=False)
     if composed_corner(fresh, space) is None:  # the machine decides: a corner needs two knobs that pay alone
         pytest.skip("pruning heads or MLP channels alone is not predicted faster than the dense block on this CPU")
-    table = LatencyTable.load(path)
-    measured = {}
-    for layer, entries in table.entries.items():
-        for key, entry in entries.items():
-            if key.count(";") == 1 and "pruning.heads" in key and "pruning.mlp" in key:
-                measured[layer, key] = entry["ratio"]
-                entry["ratio"] *= 4
-    assert measured
-    table.save()
+    measured = _inflate(path, lambda key: key.count(";") == 1 and "pruning.heads" in key and "pruning.mlp" in key)
     logged: list[str] = []
     predictor = predictor_for_run(config, model, example, space, plugins, 10.0, log=logged.append, progress=False)
     assert any("does not match this machine" in line and "composed: " in line for line in logged), logged
-    again = LatencyTable.load(path)
-    remeasured = {(layer, k): e["ratio"] for layer, entries in again.entries.items() for k, e in entries.items()
-                  if (layer, k) in measured}
-    assert set(remeasured) == set(measured)
-    assert all(remeasured[k] < 2 * measured[k] for k in measured), (measured, remeasured)
-    if predictor is not None:  # the fresh table passed the check
-        assert predictor.base_ms == pytest.approx(10.0)
+    _check_profiled_again(path, measured, predictor)
 
 
 @pytest.mark.parametrize(("from_cache", "profiles"), [(0, 1), (5, 2)])
