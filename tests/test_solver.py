@@ -222,6 +222,12 @@ def test_solver_seeds_are_predicted_within_the_budget_and_come_first(tiny_config
     assert 'id="solver-front"' in page and 'id="phase-times"' in page
 
 
+def _every_policy(space) -> list[dict]:
+    """Every combination of the space's choices, as search parameters (for spaces small enough to enumerate)."""
+    return [{d.name: v for d, v in zip(space.dimensions, values)}
+            for values in itertools.product(*(d.choices for d in space.dimensions))]
+
+
 def test_latency_seeds_cost_what_the_table_predicts(tiny_config, tmp_path):
     """The solver's cost of a seed is the latency model's prediction for its whole policy (the per-option split
     adds up), and within the fraction of the limit it aimed at."""
@@ -237,8 +243,7 @@ def test_latency_seeds_cost_what_the_table_predicts(tiny_config, tmp_path):
     # a limit the table says the fastest policy meets at the lowest fraction (whatever this CPU measured). Not the
     # most compressed one: on a Xeon with AMX, rank 0.25 on the tiny model's MLPs pruned to 0.25 (48 -> 12 -> 48)
     # was predicted slower than the dense model, two small GEMMs costing more than one
-    policies = [{d.name: v for d, v in zip(run.space.dimensions, values)}
-                for values in itertools.product(*(d.choices for d in run.space.dimensions))]
+    policies = _every_policy(run.space)
     cheapest = min(run.latency_model.predict(p) for p in policies)
     assert cheapest < run.latency_model.base_ms, "pruning and low rank shorten the table's prediction"
     run.budget = Budget.parse(f"latency_ms={1.01 * cheapest / min(run.config.search.solver_fractions):.6f}")
@@ -267,8 +272,7 @@ def test_a_budget_just_past_the_floor_is_seeded_within_the_margin_and_one_far_pa
     assert run.latency_model is not None
     plan = plan_seeds(run, tmp_path, log=lambda _: None)
     floor = plan.solver.fastest()
-    policies = [{d.name: v for d, v in zip(run.space.dimensions, values)}
-                for values in itertools.product(*(d.choices for d in run.space.dimensions))]
+    policies = _every_policy(run.space)
     assert floor == pytest.approx(min(run.latency_model.predict(p) for p in policies), rel=1e-6), \
         "the floor is the least prediction over every policy of the space"
 
