@@ -71,6 +71,11 @@ class SearchConfig:
     # sampler find its way (the search before the solver)
     strategy: str = "solve"
     solver_fractions: list = field(default_factory=lambda: [0.75, 0.85, 0.95, 1.0])  # of the limit, one seed each
+    # how the solver scores each choice's damage (autocompress/sensitivity.py): kl (a forward pass per setting), fisher
+    # (the Fisher-weighted error of the setting's block alone, far cheaper on big models), or auto: kl when its
+    # projected time fits sensitivity_seconds, else fisher on as many calibration images as fit
+    sensitivity: str = "auto"
+    sensitivity_seconds: float = 180.0
     # later waves of two seeds each (the next best policies, the limit corrected by what the earlier seeds measured)
     solver_waves: int = 3
     # the uniform single-technique policies (every layer int8, rank 0.5 everywhere, ...) as trials: true/false, or
@@ -289,6 +294,13 @@ def validate(config: RunConfig) -> None:
     if (not isinstance(fractions, list) or not fractions
             or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions)):
         raise InputError(f"{src}.search.solver_fractions", f"must be a list of fractions of the limit in (0, 1], got {fractions!r}")
+    from autocompress.sensitivity import METHODS
+
+    if config.search.sensitivity not in METHODS:
+        raise InputError(f"{src}.search.sensitivity", f"unknown method {config.search.sensitivity!r} ({', '.join(METHODS)})")
+    seconds = config.search.sensitivity_seconds
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise InputError(f"{src}.search.sensitivity_seconds", f"must be a number of seconds above 0, got {seconds!r}")
     if config.search.solver_waves < 0:
         raise InputError(f"{src}.search.solver_waves", f"must be 0 or more, got {config.search.solver_waves}")
     if config.search.finalize_top < 1:

@@ -99,13 +99,16 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
         lambda params: run.compress(run.policy(params), seed=run.config.search.seed),
         path=None if run_dir is None else RunDir(run_dir).sensitivity,
         fingerprint={"space": sorted(wanted), "calibration_size": run.config.data.calibration_size},
-        identities=identities,
+        identities=identities, method=run.config.search.sensitivity, seconds=run.config.search.sensitivity_seconds,
+        log=log,
     )
     failed: list[str] = []
     damage = sens.measure(wanted.items(), progress=progress, on_error=lambda key, exc: failed.append(key))
     plan.phases["sensitivity"] = time.perf_counter() - started
     reused = len([k for k in wanted if k]) - sens.measured  # the identity ("") is never scored
     log(f"sensitivity: {len(wanted)} settings, {sens.measured} scored in {sens.seconds:.1f} s"
+        + (f" ({sens.by_fisher} by the Fisher estimate, the rest by KL; {len(sens.images)} images)"
+           if sens.chosen == "fisher" else f" (KL, {len(sens.images)} images)")
         + (f", {reused} from {SENSITIVITY}" if reused > 0 else "")
         + (f"; {len(failed)} could not be applied (never chosen)" if failed else ""))
 

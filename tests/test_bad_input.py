@@ -115,6 +115,14 @@ def test_negative_trial_timeout(capsys, tmp_path, cfg):
     search_fails(capsys, tmp_path, cfg, names=("config.search.trial_timeout_s",))
 
 
+@pytest.mark.parametrize("key, value, words", [("sensitivity", "hessian", "unknown method"),
+                                             ("sensitivity_seconds", 0, "above 0")],
+                         ids=["sensitivity-method", "sensitivity-seconds"])
+def test_bad_sensitivity_settings(capsys, tmp_path, cfg, key, value, words):
+    cfg["search"][key] = value
+    search_fails(capsys, tmp_path, cfg, names=(f"config.search.{key}", words))
+
+
 def test_unknown_timm_model(capsys, tmp_path, cfg):
     cfg["model"]["name"] = "vit_tinny_patch16_224"
     search_fails(capsys, tmp_path, cfg, names=("config.model.name", "vit_tinny_patch16_224"))
