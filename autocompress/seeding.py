@@ -270,6 +270,8 @@ def second_wave(solver: Solver, measured: list[tuple[float, float]], wave: int =
     ratios = [m / p for p, m in measured if p > 0 and math.isfinite(m) and math.isfinite(p)]
     scale = statistics.median(ratios) if ratios else 1.0
     scale = min(1.25, max(0.8, scale))  # a correction, not a new budget
+    if solver.run.budget.cost is LATENCY:
+        solver.run.latency_correction = scale  # the same correction decides which candidates are skipped unmeasured
     seeds = solver.seeds(list(SECOND_WAVE), scale=scale, label=f", wave {wave}, limit corrected x{scale:.3f}")
     solver.write()
     return seeds

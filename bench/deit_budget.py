@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -66,8 +67,16 @@ def main() -> None:
     config.target.batch_size, config.target.threads, config.target.repeats = 8, 2, 7
     config.data.calibration_size = 64
     config.space, config.out = str(space_path), str(out)
+    started = time.perf_counter()
+    lines: list[str] = []
+
+    def log(line: str) -> None:  # the run's phases and decisions, timed, on stderr and in the JSON
+        lines.append(f"[{time.perf_counter() - started:6.0f} s] {line}")
+        print(lines[-1], file=sys.stderr, flush=True)
+
     result = autocompress.search(config, model=model, data=data, budget=f"latency={args.budget:g}x",
-                                 trials=args.trials, progress=True, log=lambda s: None)
+                                 trials=args.trials, progress=True, log=log)
+    wall = time.perf_counter() - started
     base = result.baseline
     rows = []
     for _, row in result.pareto.head(8).iterrows():
@@ -84,7 +93,12 @@ def main() -> None:
                          [(int(r["number"]), r["baseline"], r["latency_ms"], base["latency_ms"] / r["latency_ms"],
                            "yes" if r["feasible"] else "no") for _, r in named.iterrows()]))
     best = result.best or {}
+    feasible = trials[trials["feasible"].fillna(False).astype(bool)]
+    first = None if feasible.empty else int(feasible["number"].min())
+    print(f"\nfirst trial within {args.budget:g}x: " + ("none" if first is None else
+          f"#{first} ({feasible.set_index('number').loc[first, 'origin']})") + f"; wall time {wall / 60:.1f} min")
     path = write_json("deit_budget", {
+        "first_feasible_trial": first, "wall_s": wall, "log": lines,
         "baselines": named[["number", "baseline", "latency_ms", "feasible"]].to_dict("records"),
         "feasible_trials": int(trials["feasible"].sum()),
         "budget": args.budget, "trials": args.trials, "baseline": base,

@@ -414,3 +414,26 @@ def test_the_final_recovery_raises_validation_accuracy_of_a_damaged_policy(tiny_
     assert final_policy.techniques["distillation"].options["steps"] == 150
     assert accuracy(final_model, run.data.val) == pytest.approx(final_val)
     assert lines and lines[0].startswith("finalize: ")
+
+
+def test_the_skip_rule_applies_the_correction_the_later_waves_are_solved_with():
+    """A later wave is solved against the limit corrected by what the seeds measured; the rule that skips a
+    candidate unmeasured must use the same correction, or it skips the very policies the wave proposed."""
+    from types import SimpleNamespace
+
+    from autocompress.config import SearchConfig
+    from autocompress.runner import predicted_over
+    from autocompress.seeding import second_wave
+
+    run = SimpleNamespace(limits={"latency_ms": 64.0}, config=SimpleNamespace(search=SearchConfig()),
+                          latency_correction=1.0, budget=Budget.parse("latency_ms=64"))
+    asked = []
+    solver = SimpleNamespace(run=run, seeds=lambda fractions, scale, label: asked.append(scale) or [],
+                             write=lambda: None)
+    second_wave(solver, [(63.8, 51.4)])  # the DeiT-S seed: measured 0.81x its prediction
+    assert asked == [pytest.approx(51.4 / 63.8)] and run.latency_correction == pytest.approx(51.4 / 63.8)
+    assert predicted_over(run, 79.2) is False, "a wave seed predicted 79 ms measures about 64: measured, not skipped"
+    assert predicted_over(run, 100.0) is True
+    run.latency_correction = 1.0
+    assert predicted_over(run, 79.2) is True, "uncorrected, 79 ms is over 1.1 x 64"
+    assert predicted_over(run, float("nan")) is False
