@@ -17,14 +17,15 @@ called one by one with extra arguments (BEiT, EVA) run whole.
 
 On a bigger model that pass is too dear for every setting (DeiT-S at 224x224 on 2 cores: ~1.5 s per setting, 1377
 settings, ~35 min). ``method="fisher"`` scores a setting confined to one block by that block alone: its output on the
-kept input of the uncompressed block, compared with the uncompressed block's output and weighted by the diagonal
-Fisher information of the model's prediction at that output (the mean squared gradient of ``log p(y)``, ``y`` drawn
-from the model's own prediction, over the calibration images), ``damage ~= 1/2 sum F (out - out0)^2``: the
-second-order estimate of the same KL divergence, so it is in the same units, and the block-output loss BRECQ
-(Li et al., 2021) reconstructs quantized blocks with. Settings it cannot confine to one block (the head, a global
-option that changes every block) are still scored by the KL pass. ``method="auto"`` (the search's default,
-``search.sensitivity``) keeps the KL pass when its projected time fits ``seconds`` (``search.sensitivity_seconds``)
-and otherwise scores by Fisher on as many calibration images as fit (at least ``MIN_FISHER_IMAGES``).
+kept input of the uncompressed block, minus the uncompressed block's output (``d``), seen through the gradients
+``g_y`` of ``log p(y)`` at that output for labels ``y`` drawn from the model's own prediction:
+``damage ~= 1/2 E_y[(g_y . d)^2] = 1/2 d^T F d`` per image, ``F`` the image's whole Fisher information there (not
+its diagonal, which missed how a change moves channels together). It is the second-order term of the same KL
+divergence, so it is in the same units. Settings it cannot confine to one block (the head) are still scored by the
+KL pass; under a global option that changes every block (compute=bf16) the block is compared with the model those
+options make alone, whose own KL damage is added. ``method="auto"`` (the search's default, ``search.sensitivity``)
+keeps the KL pass when its projected time fits ``seconds`` (``search.sensitivity_seconds``) and otherwise scores by
+Fisher on as many calibration images as fit (at least ``MIN_FISHER_IMAGES``).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Sensitivity:
 
     def __init__(self, model: nn.Module, images: torch.Tensor, compress: Callable[[dict[str, Any]], nn.Module],
                  path: Path | None = None, fingerprint: Mapping[str, Any] | None = None,
-                 identities: Mapping[str, Any] | None = None, method: str = "kl", seconds: float = 120.0,
+                 identities: Mapping[str, Any] | None = None, method: str = "kl", seconds: float = 180.0,
                  log: Callable[[str], None] | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -184,7 +185,8 @@ class Sensitivity:
         """Where the compressed model of ``params`` first differs: the kept input of that block, or None (a global
         option, a layer outside the blocks, or blocks that are not one Sequential)."""
         if self._prefixes is None:
-            self._prefixes = self._capture()
+            self._prefixes = self._capture() if not self._fisher else {  # the Fisher pass kept them already
+                key: _Prefix(*key, x) for key, x in self._fisher.inputs.items() if key[1] > 0}
         found = _blocks_of(params, identities, self._prefixes)
         return None if not found else self._prefixes[min(found, key=lambda k: k[1])]
 
@@ -351,7 +353,7 @@ def _same_except(model: nn.Module, candidate: nn.Module, container: str, index: 
     path = container.split(".")
     a, b = model, candidate
     for depth in range(len(path) + 1):
-        if type(a) is not type(b) or _own_state(a) != _own_state(b) or _hooks(a) != _hooks(b):
+        if type(a) is not type(b) or not _same_own_tensors(a, b) or _hooks(a) != _hooks(b):
             return False
         if depth == len(path):
             break
@@ -365,9 +367,13 @@ def _same_except(model: nn.Module, candidate: nn.Module, container: str, index: 
     return True
 
 
-def _own_state(m: nn.Module) -> list:
-    return [(n, tuple(t.shape), str(t.dtype), t.detach().double().sum().item())
-            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None]
+def _same_own_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """The parameters and buffers ``a`` and ``b`` hold themselves (not their children's): same names, same tensors."""
+    ours = dict([*a.named_parameters(recurse=False), *a.named_buffers(recurse=False)])
+    theirs = dict([*b.named_parameters(recurse=False), *b.named_buffers(recurse=False)])
+    return ours.keys() == theirs.keys() and all(
+        (ours[k] is None) == (theirs[k] is None) and (ours[k] is None or torch.equal(ours[k], theirs[k]))
+        for k in ours)
 
 
 def _hooks(m: nn.Module) -> list[str]:

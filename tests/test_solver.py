@@ -9,6 +9,7 @@ import random
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 import autocompress
@@ -217,6 +218,9 @@ def test_the_fisher_estimate_of_a_block_setting_tracks_the_kl_pass(trained_tiny,
     estimate = fisher.measure([("", identities), *wanted])
     assert estimate[""] == 0.0
     assert fisher.by_fisher == len(wanted), "every setting here is confined to one block (or one global option)"
+    # the KL pass it falls back on skips the unchanged blocks with the inputs the Fisher pass kept: the same ones
+    kept = fisher.prefix_for(dict(wanted)["b1 mlp 0.5"], identities)
+    assert kept.index == 1 and torch.equal(kept.inputs, fisher._capture()[("blocks", 1)].inputs)
     keys = [k for k, _ in wanted]
     a, b = _ranks([exact[k] for k in keys]), _ranks([estimate[k] for k in keys])
     mean = sum(a) / len(a)
