@@ -21,11 +21,35 @@ TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim
 torch.set_num_threads(2)
 
 
+def _keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of returning it to the kernel (what jemalloc or
+    tcmalloc do, and ONNX Runtime's and OpenVINO's arenas). By default every activation above the mmap threshold is
+    mapped and unmapped on each call, and each forward pass faults its activations in again: on the tiny timing ViT
+    (batch 64, one thread) that was 1,400-4,900 page faults and 1.6-4.4 ms of kernel time per 20 ms pass, varying
+    with what the process had allocated before, so a layer timed inside one model and the same layer inside another
+    differed by the allocator's history, not by their kernels (the latency table's prediction error under the AVX2
+    caps on a Xeon with AMX: 0.06-0.21 before, 0.02-0.06 after). Speed tests compare kernels; the allocator's page
+    faults are no technique's doing. Returns whether it was set (glibc only)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+KEEPS_FREED_MEMORY = _keep_freed_memory()
+
+
 def pytest_report_header(config) -> list[str]:
     """Every test log names the CPU it ran on: speed relations are this CPU's (see autocompress/cpu.py)."""
     from autocompress.cpu import describe
 
-    return describe().splitlines()
+    allocator = ("malloc keeps freed memory (no page faults per pass; see conftest._keep_freed_memory)"
+                 if KEEPS_FREED_MEMORY else "malloc: the platform's default (not glibc)")
+    return [*describe().splitlines(), allocator]
 
 
 def pytest_collection_modifyitems(items) -> None:

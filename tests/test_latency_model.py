@@ -136,7 +136,12 @@ def _cpu_ratios(models: dict[str, nn.Module], example: torch.Tensor, repeats: in
 
     Each model is paired with an uncompressed run right before it, not with one run per round: on a Xeon with AMX the
     ratios of one round's models moved together by up to 15% from run to run (0.70-0.94 for one policy), as if the
-    uncompressed model, run once per round after eleven others (bf16 among them), ran at another clock."""
+    uncompressed model, run once per round after eleven others (bf16 among them), ran at another clock.
+
+    Each timed call follows an untimed call of the same model, so both are timed as a model served call after call
+    runs: with torch and oneDNN capped to AVX2 on that Xeon, a model run right after the bf16 one (oneDNN's emulated
+    bf16 GEMMs) took 14% longer than right after itself, fp32 and int8 alike (1.00 +- 0.04 for every other pair, and
+    uncapped), so the uncompressed run timed after a bf16-heavy policy made the next policy look 14% faster."""
     base = models["uncompressed"]
     ratios: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
@@ -144,11 +149,14 @@ def _cpu_ratios(models: dict[str, nn.Module], example: torch.Tensor, repeats: in
             m(example), m(example)
         for _ in range(repeats):
             for k, m in models.items():
+                base(example)
                 start = time.process_time()
                 base(example)
                 middle = time.process_time()
                 m(example)
-                ratios[k].append((time.process_time() - middle) / (middle - start))
+                resumed = time.process_time()
+                m(example)
+                ratios[k].append((time.process_time() - resumed) / (middle - start))
     return {k: statistics.median(v) for k, v in ratios.items()}
 
 
