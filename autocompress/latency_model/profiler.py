@@ -448,7 +448,7 @@ class ProfileSession:
             return out
 
         self._rounds([base, *passes, *wholes.values(), *([plain] if plain else [])], stable=lambda: all(
-            _stable(r) for r in ratio_rounds()))
+            _stable(r) for r in ratio_rounds()), settled=[base, *([plain] if plain else [])])
         for p in passes:
             for v, hooks in p.variants:
                 variant = [sum(p.times[h][r] for h in hooks) for r in range(len(p.samples))]
@@ -539,10 +539,17 @@ class ProfileSession:
         p.variants = [(v, group) for (v, *_), group in zip(placed, hooks)]
         return p
 
-    def _rounds(self, items: list[_Item], stable: Callable[[], bool] | None = None) -> None:
+    def _rounds(self, items: list[_Item], stable: Callable[[], bool] | None = None,
+                settled: list[_Item] = ()) -> None:
         """Time ``items`` round by round. With ``stable``, rounds stop once it says the ratios are settled (at least
         ``MIN_ROUNDS``): most variants' per-round ratios agree within a few percent after five rounds, and each
-        round is a whole forward pass per realised model, the bulk of a profile's time."""
+        round is a whole forward pass per realised model, the bulk of a profile's time.
+
+        Each sample of a ``settled`` item (the uncompressed reference every ratio divides by) follows an untimed
+        call of itself: with torch and oneDNN capped to AVX2 on a Xeon with AMX, a model run right after a bf16
+        variant (oneDNN's emulated bf16 GEMMs) took 14% longer than after itself, so a reference timed after one
+        made every ratio of its round look 14% smaller. One extra uncompressed pass per round is cheap beside the
+        variants' passes."""
         if not items:
             self.step(self.timing.rounds)
             return
@@ -554,6 +561,8 @@ class ProfileSession:
         for r in range(self.timing.rounds):
             shift = r % len(items)  # rotate the order so no item always follows the same one
             for item in items[shift:] + items[:shift]:
+                if any(item is s for s in settled):
+                    item.fn()
                 item.sample()
             self.step(1)
             if stable is not None and r + 1 >= MIN_ROUNDS and r + 1 < self.timing.rounds and stable():
