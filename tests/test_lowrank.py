@@ -168,6 +168,27 @@ def test_factors_are_cached_per_model_and_reused_across_ranks(plugins, fmnist):
     torch.testing.assert_close(second.blocks[0].mlp.fc1.up.weight, first.blocks[0].mlp.fc1.up.weight[:, :12])
 
 
+
+def test_svd_factors_are_cached_per_layer_weight_not_per_model(plugins):
+    """A plain SVD needs nothing but the layer's weight: changing another layer (what each trial's pruning or
+    another block's training does) keeps the factors; changing the layer's own weight computes new ones."""
+    model = make_tiny_vit()
+    cache: dict = {}
+    ctx = ApplyContext(cache=cache)
+    first = apply_policy(model, lowrank_policy({"blocks.0.mlp.fc1": 0.5}), plugins.techniques, ctx)
+    (key, cached), = cache["lowrank.svd"].items()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight.mul_(2.0)  # another layer
+    second = apply_policy(model, lowrank_policy({"blocks.0.mlp.fc1": 0.25}), plugins.techniques, ctx)
+    assert list(cache["lowrank.svd"].items()) == [(key, cached)]
+    torch.testing.assert_close(second.blocks[0].mlp.fc1.up.weight, first.blocks[0].mlp.fc1.up.weight[:, :12])
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.mul_(2.0)  # the layer itself
+    third = apply_policy(model, lowrank_policy({"blocks.0.mlp.fc1": 0.25}), plugins.techniques, ctx)
+    assert len(cache["lowrank.svd"]) == 2 and cache["lowrank.svd"][key] is cached
+    torch.testing.assert_close(third.blocks[0].mlp.fc1.up.weight @ third.blocks[0].mlp.fc1.down.weight,
+                               2 * (second.blocks[0].mlp.fc1.up.weight @ second.blocks[0].mlp.fc1.down.weight))
+
 # --- checks and costs ---------------------------------------------------------------------------------------------
 
 

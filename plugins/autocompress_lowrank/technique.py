@@ -107,6 +107,8 @@ class LowRankTechnique(Technique):
     # --- factors, cached for the run: many trials factorize the same layer of the same model at other ranks ---
 
     def _factors(self, model: nn.Module, layers: list[str], method: str, ctx: ApplyContext) -> dict[str, Factors]:
+        if method == "svd":
+            return self._svd_factors(model, layers, ctx)
         batches: list[torch.Tensor] = []
         if method == "activation_aware":
             if ctx.calibration is None:
@@ -124,10 +126,25 @@ class LowRankTechnique(Technique):
                 moments = input_second_moments(model, todo, batches)
             for layer in todo:
                 cached[layer] = whitened_factors(model.get_submodule(layer).weight, moments[layer])
-        for layer in todo:
-            if method == "svd":
-                cached[layer] = svd_factors(model.get_submodule(layer).weight)
         return {layer: cached[layer] for layer in layers}
+
+    def _svd_factors(self, model: nn.Module, layers: list[str], ctx: ApplyContext) -> dict[str, Factors]:
+        """A plain SVD depends on the layer's weight alone, so its factors are keyed by that weight's content, not
+        by the whole model's: hashing DeiT-S's 88 MB of weights on every apply took ~50 ms, paid by every trial
+        and by every setting the sensitivity pass scores; hashing the layers being factorized takes ~1 ms each."""
+        store: OrderedDict = ctx.cache.setdefault("lowrank.svd", OrderedDict())
+        out: dict[str, Factors] = {}
+        for layer in layers:
+            weight = model.get_submodule(layer).weight
+            key = _fingerprint([weight])
+            if key not in store:
+                store[key] = svd_factors(weight)
+            store.move_to_end(key)
+            out[layer] = store[key]
+        limit = CACHE_MODELS * max(len(layers), len(self.candidate_layers(model)))  # two models' worth, as above
+        while len(store) > limit:
+            store.popitem(last=False)
+        return out
 
 
 def factorize_layer(model: nn.Module, layer: str, rank: int, factors: Factors | None) -> LowRankLinear:
