@@ -15,9 +15,15 @@ Choices, measured on this repository's CPU (AMD EPYC, AVX2):
 - int8 layers become QDQ: QuantizeLinear/DequantizeLinear around their MatMul/Gemm, 8-bit weights per output channel
   (symmetric, from the torch model's dequantized int8 weights), uint8 activations with static scales calibrated on
   the config's calibration images. ONNX Runtime fuses that into QLinearMatMul/QGemm and OpenVINO into u8
-  FullyConnected, so one file is int8 in both. The weights are stored uint8 (zero point in the middle), not int8:
-  with int8 weights both runtimes' u8 x s8 kernels saturate on AVX2 (no VNNI), and the test model's top-1
-  agreement with torch fell to 91% (99.6% running the same QDQ graph unfused); with uint8 weights it is 99.4%.
+  FullyConnected, so one file is int8 in both. The weights' type follows the CPU (``int8_weights="auto"``):
+  - int8 (``s8``) where the CPU has VNNI (``avx512_vnni``, ``avx_vnni``, ``amx_int8``): both runtimes' u8 x s8
+    kernels accumulate in int32 there. On a Xeon with AMX, 2 threads, every block Linear int8 against the fp32 file
+    in the same runtime: DeiT-S 1.90x in ONNX Runtime and 2.90x in OpenVINO with s8 weights, 0.92x and 0.97x with
+    u8; the demo ViT 1.00x / 1.22x with s8, 0.80x / 0.58x with u8 (``bench/results/avx512-amx/runtimes.md``).
+  - uint8 (``u8``, zero point in the middle) without VNNI: there the u8 x s8 kernels sum pairs of products in
+    saturating int16 (AVX2's ``vpmaddubsw``), and the test model's top-1 agreement with torch fell to 91% with s8
+    weights on an AMD EPYC with AVX2 (99.6% running the same QDQ graph unfused); with u8 weights it is 99.4%.
+  A file is built for the CPU it is exported on: an s8 file run on a CPU without VNNI loses accuracy that way.
   ORT's dynamic quantization (DynamicQuantizeLinear + MatMulInteger) is closer to torch's ``int8_dynamic``, but
   OpenVINO ran it as f32 FullyConnected plus the quantization arithmetic.
 - OpenVINO IR is read from that ONNX file (OpenVINO's ONNX frontend) and saved with fp32 weights (``compress_to_fp16=False``); it is
@@ -61,8 +67,13 @@ OPSET = 18
 FP32_TOLERANCE = 1e-4  # max abs error over the largest output magnitude
 INT8_AGREEMENT = 0.99  # top-1 agreement with the torch model
 INPUT, OUTPUT = "images", "logits"
+#: the int8 weight types a QDQ file can hold; "auto" picks this CPU's (see the module docstring)
+INT8_WEIGHTS = ("auto", "s8", "u8")
+#: CPU flags under which the runtimes' u8 x s8 kernels accumulate without saturating
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
-__all__ = ["ExportCheck", "ExportPlan", "ExportResult", "export", "export_model", "prepare_for_export"]
+__all__ = ["ExportCheck", "ExportPlan", "ExportResult", "export", "export_model", "int8_weight_type",
+           "prepare_for_export"]
 
 
 @dataclass
@@ -76,6 +87,7 @@ class ExportPlan:
     target: str
     int8_layers: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    int8_weights: str = ""  # "s8" or "u8", set when int8 layers were written (see int8_weight_type)
 
     def int8(self, layer: str) -> None:
         self.int8_layers.append(layer)
@@ -122,14 +134,16 @@ class ExportResult:
     files: tuple[Path, ...]
     int8_layers: tuple[str, ...]
     check: ExportCheck
+    int8_weights: str = ""  # "s8" or "u8" where there are int8 layers
 
 
 def export(source: str | Path, format: str, out: str | Path, config: str | Path | None = None,
            check_images: int = 1000, plugins: "Plugins | None" = None, block: Iterable[str] = (),
-           log: Callable[[str], None] = print) -> ExportResult:
+           int8_weights: str = "auto", log: Callable[[str], None] = print) -> ExportResult:
     """Export a run's best model (``source`` a run directory) or the model a policy makes of a config's model
     (``source`` a policy YAML, ``config`` given) to ``format`` at ``out``, checked on the first ``check_images``
-    images of the validation split. ``block``: plugins not to load, besides the config's ``plugins.block``."""
+    images of the validation split. ``block``: plugins not to load, besides the config's ``plugins.block``.
+    ``int8_weights``: the int8 layers' weight type, ``auto`` (this CPU's), ``s8`` or ``u8``."""
     from autocompress.compose import load_compressed
     from autocompress.config import load_config
     from autocompress.pluginmanager import load_plugins
@@ -138,6 +152,7 @@ def export(source: str | Path, format: str, out: str | Path, config: str | Path 
     from autocompress.runner import compress_policy
 
     check_target(format, out)
+    int8_weight_type(int8_weights)  # a bad choice fails before any model is loaded
     source = Path(source)
     if source.is_dir():
         run_dir = RunDir(source)
@@ -159,16 +174,17 @@ def export(source: str | Path, format: str, out: str | Path, config: str | Path 
     val = data.val.head(check_images)
     calibration = data.train.images[: max(1, min(run_config.data.calibration_size, len(data.train)))]
     return export_model(model, format, out, val.images, labels=val.labels, calibration=calibration,
-                        plugins=plugins, threads=run_config.target.threads, log=log)
+                        plugins=plugins, threads=run_config.target.threads, int8_weights=int8_weights, log=log)
 
 
 def export_model(model: nn.Module, format: str, out: str | Path, images: torch.Tensor,
                  labels: torch.Tensor | None = None, calibration: torch.Tensor | None = None,
-                 plugins: "Plugins | None" = None, threads: int | None = None,
+                 plugins: "Plugins | None" = None, threads: int | None = None, int8_weights: str = "auto",
                  log: Callable[[str], None] = print) -> ExportResult:
     """Export ``model`` (a compressed model, left untouched) and check the file on ``images`` against it.
 
-    ``calibration``: images for the activation scales of int8 layers (default ``images``).
+    ``calibration``: images for the activation scales of int8 layers (default ``images``). ``int8_weights``: see
+    :func:`int8_weight_type`.
     """
     from autocompress.pluginmanager import load_plugins
 
@@ -177,7 +193,9 @@ def export_model(model: nn.Module, format: str, out: str | Path, images: torch.T
     with tempfile.TemporaryDirectory(prefix="autocompress-export-") as stage:
         onnx_path = Path(stage) / "model.onnx"
         plan = build_onnx(model, format, plugins or load_plugins(), images[:2],
-                          images if calibration is None else calibration, onnx_path)
+                          images if calibration is None else calibration, onnx_path, int8_weights=int8_weights)
+        if plan.int8_layers:
+            log(f"int8 weights: {int8_weight_type(int8_weights)[1]}")
         staged = [onnx_path]
         run = _run_onnx
         if format == "openvino":
@@ -191,7 +209,25 @@ def export_model(model: nn.Module, format: str, out: str | Path, images: torch.T
             raise InputError("export check", check.summary(format))
         files = _publish(staged, out)
     log(f"wrote {', '.join(str(f) for f in files)}")
-    return ExportResult(format, out, tuple(files), tuple(plan.int8_layers), check)
+    return ExportResult(format, out, tuple(files), tuple(plan.int8_layers), check, plan.int8_weights)
+
+
+def int8_weight_type(choice: str = "auto", flags: Iterable[str] | None = None) -> tuple[str, str]:
+    """``("s8" | "u8", why)`` for the int8 layers of a QDQ file: ``choice`` itself, or with ``auto`` the type this
+    CPU runs fast and exactly (``flags``: the CPU's, default this machine's; see the module docstring)."""
+    if choice not in INT8_WEIGHTS:
+        raise InputError("--int8-weights", f"unknown int8 weight type {choice!r} (known: {', '.join(INT8_WEIGHTS)})")
+    if choice != "auto":
+        return choice, f"{choice} (asked for)"
+    if flags is None:
+        from autocompress.cpu import cpu_info
+
+        flags = cpu_info().flags
+    vnni = [f for f in VNNI_FLAGS if f in set(flags)]
+    if vnni:
+        return "s8", f"s8 (this CPU has {vnni[0]}: its u8 x s8 int8 kernels are exact and fastest)"
+    return "u8", ("u8 (no VNNI on this CPU: u8 x s8 kernels would saturate int16 sums; an s8 file runs 2-3x faster "
+                  "on a CPU with VNNI, export it there)")
 
 
 def check_target(format: str, out: str | Path) -> Path:
@@ -236,14 +272,17 @@ def prepare_for_export(model: nn.Module, target: str, plugins: "Plugins") -> tup
 
 
 def build_onnx(model: nn.Module, target: str, plugins: "Plugins", example: torch.Tensor,
-               calibration: torch.Tensor, path: Path) -> ExportPlan:
+               calibration: torch.Tensor, path: Path, int8_weights: str = "auto") -> ExportPlan:
     """Write ``model`` (left untouched) as the ONNX file ``path`` for ``target`` (``"onnx"`` or ``"openvino"``):
     prepared by every plugin, traced on ``example``, its declared int8 layers in QDQ with activation scales from
-    ``calibration``. What ``export_model`` publishes and what the ONNX Runtime and OpenVINO runtimes time."""
+    ``calibration`` and weights of the type :func:`int8_weight_type` picks. What ``export_model`` publishes and
+    what the ONNX Runtime and OpenVINO runtimes time."""
+    weights, _ = int8_weight_type(int8_weights)
     prepared, plan = prepare_for_export(model, target, plugins)
     _to_onnx(prepared, example, path)
     if plan.int8_layers:
-        _quantize_int8(path, prepared, plan.int8_layers, calibration)
+        _quantize_int8(path, prepared, plan.int8_layers, calibration, weights)
+        plan.int8_weights = weights
     return plan
 
 
@@ -287,7 +326,8 @@ def _int8_nodes(graph, prepared: nn.Module, layers: list[str]) -> dict[str, str]
     return found
 
 
-def _quantize_int8(path: Path, prepared: nn.Module, layers: list[str], calibration: torch.Tensor) -> None:
+def _quantize_int8(path: Path, prepared: nn.Module, layers: list[str], calibration: torch.Tensor,
+                   weights: str = "u8") -> None:
     """Rewrite ``path`` with the MatMul/Gemm of ``layers`` in QDQ int8 (see the module docstring)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -306,7 +346,8 @@ def _quantize_int8(path: Path, prepared: nn.Module, layers: list[str], calibrati
     with _quiet_root_logger():  # ORT logs a pre-processing suggestion on every call
         quantize_static(str(path), str(quantized), Batches(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=sorted(nodes.values()),
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8 if weights == "s8" else QuantType.QUInt8,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     graph = onnx.load(str(quantized)).graph
     dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}

@@ -30,6 +30,7 @@ from common import machine, markdown_table, write_json  # noqa: E402
 from autocompress.compose import apply_policy  # noqa: E402
 from autocompress.costs import measure_latency, paired_ratio  # noqa: E402
 from autocompress.errors import InputError  # noqa: E402
+from autocompress.export import int8_weight_type  # noqa: E402
 from autocompress.models import load_checkpoint  # noqa: E402
 from autocompress.pluginmanager import load_plugins  # noqa: E402
 from autocompress.policy import Policy  # noqa: E402
@@ -110,10 +111,13 @@ def main() -> None:
             print(f"{model_name} in {runtime.name}: {time.perf_counter() - started:.0f} s", flush=True)
     table = markdown_table(["model", "runtime", "setting", "ms", "speed-up in runtime", "vs torch fp32", "note"], rows)
     print(table)
+    weights, why = int8_weight_type()
     path = write_json("runtimes", {"threads": args.threads, "repeats": args.repeats, "results": records,
+                                   "int8_weights": weights,
                                    "runtimes": {r.name: r.version() for r in runtimes}})
     path.with_suffix(".md").write_text(f"# Runtimes on {machine()['cpu_kind']} ({machine()['cpu']}), "
-                                       f"{args.threads} threads, {machine()['date']}\n\n{table}\n")
+                                       f"{args.threads} threads, {machine()['date']}\n\nint8 files: weights "
+                                       f"{why}\n\n{table}\n")
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 

@@ -16,7 +16,7 @@ from autocompress.cli import main
 from autocompress.compose import apply_policy, load_compressed
 from autocompress.config import config_from_dict
 from autocompress.errors import InputError
-from autocompress.export import export_model
+from autocompress.export import export_model, int8_weight_type
 from autocompress.runner import compress, load_data
 
 from conftest import FASHION_MNIST, TINY_VIT, make_tiny_vit
@@ -74,6 +74,8 @@ def test_run_dir_exports_to_onnx_and_openvino_with_int8_layers_and_torchs_output
     assert main(["export", str(run_dir), "--format", "openvino", "--out", str(xml_out), "--check-images", "500"]) == 0
     printed = capsys.readouterr().out
     assert "ONNX Runtime vs torch on 500 images: top-1 agreement" in printed and ": ok" in printed
+    weight_type, why = int8_weight_type()  # this CPU's: s8 with VNNI, u8 without
+    assert printed.count(f"int8 weights: {why}") == 2
     assert "OpenVINO vs torch on 500 images" in printed
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["ir", "m.bin", "m.onnx", "m.xml"]  # no temporary files
 
@@ -85,7 +87,8 @@ def test_run_dir_exports_to_onnx_and_openvino_with_int8_layers_and_torchs_output
     graph = onnx.load(str(onnx_out))
     assert graph.opset_import[0].version >= 17
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    int8_weights = {i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and i.dims}
+    stored = onnx.TensorProto.INT8 if weight_type == "s8" else onnx.TensorProto.UINT8
+    int8_weights = {i.name for i in graph.graph.initializer if i.data_type == stored and i.dims}
     weight_dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights]
     assert len(weight_dq) == len(INT8) + 1  # the factorized fc1 is two int8 MatMuls
     session = ort.InferenceSession(str(onnx_out), providers=["CPUExecutionProvider"])
@@ -103,14 +106,32 @@ def test_policy_and_config_export_and_the_python_api_returns_the_check(run_dir, 
 
     out = tmp_path / "policy.onnx"
     result = autocompress.export(run_dir / "best_policy.yaml", "onnx", out, config=run_dir / "config.yaml",
-                                 check_images=200, log=lambda _: None)
+                                 check_images=200, int8_weights="u8", log=lambda _: None)
     assert result.path == out and result.files == (out,) and result.check.passed and result.check.images == 200
     assert len(result.int8_layers) == len(INT8) + 1
+    # u8 weights, asked for: exact on every CPU (what a file built for a CPU without VNNI holds)
+    assert result.int8_weights == "u8"
+    types = {i.data_type for i in onnx.load(str(out)).graph.initializer if i.dims and i.data_type in
+             (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims) == 2}
+    assert types == {onnx.TensorProto.UINT8}, types
+
+
+def test_int8_weight_type_follows_the_cpu():
+    """s8 weights where the CPU has VNNI (its u8 x s8 kernels accumulate in int32: 2-3x faster there), u8 without
+    (AVX2's u8 x s8 kernels saturate int16 sums); an explicit choice is kept; anything else is one line."""
+    for flags in (("avx2", "avx512f", "avx512_vnni"), ("avx2", "avx_vnni"), ("avx2", "avx512f", "amx_int8")):
+        assert int8_weight_type("auto", flags)[0] == "s8", flags
+    weights, why = int8_weight_type("auto", ("avx2", "avx512f"))
+    assert weights == "u8" and "no VNNI" in why
+    assert int8_weight_type("s8", ("avx2",))[0] == "s8" and int8_weight_type("u8", ("amx_int8",))[0] == "u8"
+    with pytest.raises(InputError, match="--int8-weights: unknown int8 weight type 's7'"):
+        int8_weight_type("s7")
 
 
 @pytest.mark.parametrize("argv, field", [
     (["--format", "tflite"], "--format: unknown format 'tflite'"),
     (["--format", "openvino"], "--out: an OpenVINO IR is a .xml file"),
+    (["--format", "onnx", "--int8-weights", "int4"], "--int8-weights: unknown int8 weight type 'int4'"),
 ])
 def test_unknown_format_or_wrong_out_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, field):
     out = tmp_path / "m.onnx"
