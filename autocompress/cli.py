@@ -164,11 +164,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autocompress.export import check_target, export, int8_weight_type
+    from autocompress.export import check_target, export
 
     out = check_target(args.format, args.out)  # before any model is loaded
     _check_out_file(out)
-    int8_weight_type(args.int8_weights)
     if args.check_images < 1:
         raise InputError("--check-images", f"must be at least 1, got {args.check_images}")
     export(_from_cwd(args.source), args.format, out, config=_from_cwd(args.config), check_images=args.check_images,

@@ -189,13 +189,14 @@ def export_model(model: nn.Module, format: str, out: str | Path, images: torch.T
     from autocompress.pluginmanager import load_plugins
 
     out = check_target(format, out)
+    weights, why = int8_weight_type(int8_weights)
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="autocompress-export-") as stage:
         onnx_path = Path(stage) / "model.onnx"
         plan = build_onnx(model, format, plugins or load_plugins(), images[:2],
-                          images if calibration is None else calibration, onnx_path, int8_weights=int8_weights)
+                          images if calibration is None else calibration, onnx_path, int8_weights=weights)
         if plan.int8_layers:
-            log(f"int8 weights: {int8_weight_type(int8_weights)[1]}")
+            log(f"int8 weights: {why}")
         staged = [onnx_path]
         run = _run_onnx
         if format == "openvino":

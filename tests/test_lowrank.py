@@ -168,7 +168,6 @@ def test_factors_are_cached_per_model_and_reused_across_ranks(plugins, fmnist):
     torch.testing.assert_close(second.blocks[0].mlp.fc1.up.weight, first.blocks[0].mlp.fc1.up.weight[:, :12])
 
 
-
 def test_svd_factors_are_cached_per_layer_weight_not_per_model(plugins):
     """A plain SVD needs nothing but the layer's weight: changing another layer (what each trial's pruning or
     another block's training does) keeps the factors; changing the layer's own weight computes new ones."""
@@ -188,6 +187,7 @@ def test_svd_factors_are_cached_per_layer_weight_not_per_model(plugins):
     assert len(cache["lowrank.svd"]) == 2 and cache["lowrank.svd"][key] is cached
     torch.testing.assert_close(third.blocks[0].mlp.fc1.up.weight @ third.blocks[0].mlp.fc1.down.weight,
                                2 * (second.blocks[0].mlp.fc1.up.weight @ second.blocks[0].mlp.fc1.down.weight))
+
 
 # --- checks and costs ---------------------------------------------------------------------------------------------
 
