@@ -9,14 +9,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import yaml
+from pydantic import AfterValidator, StrictStr, TypeAdapter
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
+from autocompress import schema
 from autocompress.errors import InputError, yaml_error_where
+from autocompress.schema import Rule, only_keys, says
 from autocompress.technique import TechniqueSettings
 
 _SCALARS = (str, int, float, bool, type(None))
+
+
+def _scalar(value: Any) -> Any:
+    if not isinstance(value, _SCALARS):
+        raise Rule("must be a number, string or bool")
+    return value
+
+
+# the file's schema (autocompress/schema.py turns its first error into one line naming the field)
+_Value = Annotated[Any, AfterValidator(_scalar)]
+_Knobs = Annotated[dict[Any, _Value], says("must map knob names to values")]
+
+
+class _TechniqueEntry(TypedDict, total=False):
+    layers: Annotated[dict[Any, _Knobs] | None, says("must map module names to settings")]
+    options: Annotated[dict[Any, _Value] | None, says("must map option names to values")]
+
+
+class _PolicyFile(TypedDict, total=False):
+    model: Annotated[StrictStr | None, says("must be a model name")]
+    techniques: Annotated[dict[Any, Annotated[_TechniqueEntry, only_keys("layers", "options"),
+                                              says("must be a mapping with 'layers' and/or 'options'")]] | None,
+                          says("must be a mapping of technique name to settings")]
+
+
+_POLICY_FILE = TypeAdapter(Annotated[_PolicyFile, only_keys("model", "techniques")])
 
 
 def param_name(technique: str, knob: str, layer: str | None = None) -> str:
@@ -93,42 +123,13 @@ class Policy:
     def from_dict(cls, data: Any, source: str = "policy") -> "Policy":
         if not isinstance(data, Mapping):
             raise InputError(source, "a policy must be a mapping with 'techniques'")
-        unknown = set(data) - {"model", "techniques"}
-        if unknown:
-            raise InputError(f"{source}.{sorted(unknown)[0]}", "unknown key (expected 'model', 'techniques')")
-        model = data.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InputError(f"{source}.model", "must be a model name")
-        techniques_data = data.get("techniques") or {}
-        if not isinstance(techniques_data, Mapping):
-            raise InputError(f"{source}.techniques", "must be a mapping of technique name to settings")
-        techniques: dict[str, TechniqueSettings] = {}
-        for tech, entry in techniques_data.items():
-            where = f"{source}.techniques.{tech}"
-            if not isinstance(entry, Mapping):
-                raise InputError(where, "must be a mapping with 'layers' and/or 'options'")
-            bad = set(entry) - {"layers", "options"}
-            if bad:
-                raise InputError(f"{where}.{sorted(bad)[0]}", "unknown key (expected 'layers', 'options')")
-            layers = entry.get("layers") or {}
-            options = entry.get("options") or {}
-            if not isinstance(layers, Mapping):
-                raise InputError(f"{where}.layers", "must map module names to settings")
-            if not isinstance(options, Mapping):
-                raise InputError(f"{where}.options", "must map option names to values")
-            for layer, knobs in layers.items():
-                if not isinstance(knobs, Mapping):
-                    raise InputError(f"{where}.layers.{layer}", "must map knob names to values")
-                for knob, value in knobs.items():
-                    if not isinstance(value, _SCALARS):
-                        raise InputError(f"{where}.layers.{layer}.{knob}", "must be a number, string or bool")
-            for knob, value in options.items():
-                if not isinstance(value, _SCALARS):
-                    raise InputError(f"{where}.options.{knob}", "must be a number, string or bool")
-            techniques[str(tech)] = TechniqueSettings(
-                layers={str(k): dict(v) for k, v in layers.items()}, options=dict(options)
-            )
-        return cls(techniques=techniques, model=model)
+        checked = schema.check(_POLICY_FILE, data, source)
+        techniques = {
+            str(tech): TechniqueSettings(layers={str(k): dict(v) for k, v in (entry.get("layers") or {}).items()},
+                                         options=dict(entry.get("options") or {}))
+            for tech, entry in (checked.get("techniques") or {}).items()
+        }
+        return cls(techniques=techniques, model=checked.get("model"))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

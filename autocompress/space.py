@@ -26,14 +26,47 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import yaml
+from pydantic import AfterValidator, Field, TypeAdapter
 from torch import nn
+from typing_extensions import Required, TypedDict  # pydantic needs these before Python 3.12
 
+from autocompress import schema
 from autocompress.errors import InputError, yaml_error_where
+from autocompress.schema import Rule, only_keys, says
 from autocompress.policy import Policy, param_name
 from autocompress.technique import Technique
+
+def _layer_rule(rule: Any) -> Any:
+    if not isinstance(rule, Mapping) or not isinstance(rule.get("match"), str):
+        raise Rule("each layer rule needs a 'match' pattern", key="match")
+    for knob, choices in rule.items():
+        if knob != "match" and (not isinstance(choices, list) or not choices):
+            raise Rule("must be a non-empty list of choices", key=str(knob))
+    return rule
+
+
+# the file's schema (autocompress/schema.py turns its first error into one line naming the field)
+_Choices = Annotated[list[Any], Field(min_length=1), says("must be a non-empty list of choices")]
+
+
+class _TechniqueEntry(TypedDict, total=False):
+    layers: Annotated[list[Annotated[Any, AfterValidator(_layer_rule)]] | None,
+                      says("must be a list of {match: PATTERN, KNOB: [choices]}")]
+    options: Annotated[dict[Any, _Choices] | None, says("must map option names to lists of choices")]
+
+
+class _SpaceFile(TypedDict, total=False):
+    techniques: Required[dict[Any, Annotated[_TechniqueEntry | None, only_keys("layers", "options"),
+                                             says("must be a mapping with 'layers' and/or 'options'")]]]
+    description: Any
+    baselines: dict[Any, dict[Any, dict[Any, Any]]] | None
+
+
+_SPACE_FILE = TypeAdapter(Annotated[_SpaceFile, only_keys("techniques", "baselines", "description")])
+_SPACE_MESSAGES = {"baselines": "must map a name to {technique: {knob: value}}"}
 
 #: where a builtin space name ('vit') is looked up: inside the installed package (a wheel carries search_spaces/ as
 #: autocompress/_spaces, see hatch_build.py), then the source checkout (an editable install)
@@ -87,41 +120,11 @@ class SearchSpace:
     def from_dict(cls, data: Any, source: str = "space") -> "SearchSpace":
         if not isinstance(data, Mapping) or not isinstance(data.get("techniques"), Mapping):
             raise InputError(f"{source}.techniques", "a search space needs a 'techniques' mapping")
-        bad = set(data) - {"techniques", "description", "baselines"}
-        if bad:
-            raise InputError(
-                f"{source}.{sorted(bad)[0]}", "unknown key (expected 'techniques', 'baselines', 'description')"
-            )
-        baselines = data.get("baselines") or {}
-        if not isinstance(baselines, Mapping) or not all(
-            isinstance(b, Mapping) and all(isinstance(k, Mapping) for k in b.values()) for b in baselines.values()
-        ):
-            raise InputError(f"{source}.baselines", "must map a name to {technique: {knob: value}}")
-        techniques: dict[str, dict[str, Any]] = {}
-        for name, entry in data["techniques"].items():
-            where = f"{source}.techniques.{name}"
-            entry = entry or {}
-            if not isinstance(entry, Mapping):
-                raise InputError(where, "must be a mapping with 'layers' and/or 'options'")
-            unknown = set(entry) - {"layers", "options"}
-            if unknown:
-                raise InputError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected 'layers', 'options')")
-            layers = entry.get("layers") or []
-            if not isinstance(layers, list):
-                raise InputError(f"{where}.layers", "must be a list of {match: PATTERN, KNOB: [choices]}")
-            for i, rule in enumerate(layers):
-                if not isinstance(rule, Mapping) or not isinstance(rule.get("match"), str):
-                    raise InputError(f"{where}.layers[{i}].match", "each layer rule needs a 'match' pattern")
-                for knob, choices in rule.items():
-                    if knob != "match" and (not isinstance(choices, list) or not choices):
-                        raise InputError(f"{where}.layers[{i}].{knob}", "must be a non-empty list of choices")
-            options = entry.get("options") or {}
-            if not isinstance(options, Mapping):
-                raise InputError(f"{where}.options", "must map option names to lists of choices")
-            for knob, choices in options.items():
-                if not isinstance(choices, list) or not choices:
-                    raise InputError(f"{where}.options.{knob}", "must be a non-empty list of choices")
-            techniques[str(name)] = {"layers": list(layers), "options": dict(options)}
+        checked = schema.check(_SPACE_FILE, data, source, messages=_SPACE_MESSAGES)
+        techniques = {str(name): {"layers": list((entry or {}).get("layers") or []),
+                                  "options": dict((entry or {}).get("options") or {})}
+                      for name, entry in checked["techniques"].items()}
+        baselines = checked.get("baselines") or {}
         return cls(techniques=techniques, source=source,
                    baselines={str(k): {t: dict(v) for t, v in b.items()} for k, b in baselines.items()})
 
