@@ -237,3 +237,33 @@ def test_two_worker_processes_on_one_journal_share_the_trials_without_loss_or_du
     counted = [t for t in study.trials if not t.user_attrs.get("surplus")]
     assert [t.number for t in counted] == list(range(n))
     assert all(t.state.is_finished() for t in study.trials)
+
+
+def test_a_ray_trial_skips_by_the_drivers_latency_correction_as_of_its_start(monkeypatch):
+    """The solver's later waves correct the latency table in the driver (seeding.second_wave); a Ray worker, which
+    decides whether a candidate predicted over the limit is skipped, gets the driver's correction with each trial."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from autocompress.search import ray_searcher, ray_worker
+
+    trial = SimpleNamespace(number=7, params={"quantization.format": "int8_dynamic"})
+    study = SimpleNamespace(quota_reached=lambda: False, ask=lambda: trial)
+    driver_run = SimpleNamespace(latency_correction=1.18)
+    ray_searcher.set_driver(ray_searcher.Driver(run=driver_run, study=study))
+    try:
+        suggested = ray_searcher.StudySearcher().suggest("tune-trial-1")
+    finally:
+        ray_searcher.set_driver(None)
+    assert suggested["latency_correction"] == 1.18 and suggested["number"] == 7
+
+    worker_run = SimpleNamespace(latency_correction=1.0)  # a worker's own run starts uncorrected
+    seen = []
+    monkeypatch.setattr(ray_worker, "worker_run", lambda spec: worker_run)
+    monkeypatch.setattr(ray_worker, "evaluate_params",
+                        lambda run, params, number, report: seen.append(run.latency_correction) or {"number": number})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-a"))
+    monkeypatch.setattr(tune, "report", lambda result: None)
+    ray_worker.tune_trial(suggested, spec=None)
+    assert seen == [1.18]

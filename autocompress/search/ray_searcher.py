@@ -90,7 +90,10 @@ class StudySearcher(Searcher):
         self._live[trial_id] = trial.number
         d.trials[trial_id] = trial
         d.started[trial_id] = time.perf_counter()
-        return {"number": trial.number, "params": dict(trial.params)}
+        # the driver's correction of the latency table so far (the solver's measured seeds, seeding.second_wave):
+        # a worker skips a candidate predicted over the limit by the same rule as a trial run in the driver
+        return {"number": trial.number, "params": dict(trial.params),
+                "latency_correction": float(d.run.latency_correction)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if STEP_KEY in result and SCORE_KEY in result:

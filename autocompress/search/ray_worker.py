@@ -92,6 +92,7 @@ def tune_trial(config: dict[str, Any], spec: WorkerSpec) -> None:
                     f"{traceback.format_exc(limit=-1).splitlines()[-2].strip()}",
             duration_s=round(time.perf_counter() - started, 3)).to_dict()
     else:
+        run.latency_correction = float(config.get("latency_correction", 1.0))  # the driver's, as of this trial
         record = evaluate_params(run, params, number, report=TrialReport(probe))
     record[NODE_KEY] = node
     acc = record.get("val_accuracy")
