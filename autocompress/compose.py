@@ -17,7 +17,7 @@ from torch import nn
 from autocompress.errors import InputError, TechniqueError
 from autocompress.io import atomic_torch_save
 from autocompress.policy import Policy
-from autocompress.technique import ApplyContext, Technique, TrialStopped
+from autocompress.technique import ApplyContext, Technique, TechniqueSettings, TrialStopped
 
 FORMAT = "autocompress.compressed/1"
 
@@ -64,8 +64,9 @@ def apply_policy(
     missing = [name for name in policy.techniques if name not in techniques]
     if missing:
         raise InputError(f"policy.techniques.{missing[0]}", "technique not installed")
+    present = {name for name, _ in model.named_modules()}
     for technique in sorted(used, key=lambda t: (int(t.stage), t.name)):
-        settings = policy.techniques[technique.name]
+        settings = _without_removed(policy.techniques[technique.name], model, present)
         if settings.is_empty():
             continue
         torch.manual_seed(ctx.seed)
@@ -76,6 +77,18 @@ def apply_policy(
         except Exception as exc:
             raise TechniqueError(f"{technique.name}: {type(exc).__name__}: {exc}") from exc
     return model.eval()
+
+
+def _without_removed(settings: TechniqueSettings, model: nn.Module, present: set[str]) -> TechniqueSettings:
+    """``settings`` less the layers an earlier technique removed (a pruned-away attention's Linears): they were in
+    the model the policy was made for and are not any more, so there is nothing left of them to compress. A layer the
+    model never had stays, for the technique to refuse by name."""
+    now = {name for name, _ in model.named_modules()}
+    gone = [layer for layer in settings.layers if layer in present and layer not in now]
+    if not gone:
+        return settings
+    return TechniqueSettings(layers={k: v for k, v in settings.layers.items() if k not in gone},
+                             options=dict(settings.options))
 
 
 def simulated_layers(policy: Policy, techniques: Mapping[str, Technique]) -> list[str]:

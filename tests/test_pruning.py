@@ -93,7 +93,8 @@ class TestPruningContract(TechniqueContract):
     technique = PRUNING
     plugin = "pruning"
     space = {
-        "layers": [{"match": "re:blocks\\.\\d+", "heads": [1.0, 0.5], "mlp": [1.0, 0.5, 0.25]}],
+        # 0: the whole branch removed
+        "layers": [{"match": "re:blocks\\.\\d+", "heads": [1.0, 0.5, 0.0], "mlp": [1.0, 0.5, 0.25, 0.0]}],
         "options": {"criterion": ["l1", "l2", "taylor", "random"]},
     }
     random_policies = 2
@@ -104,7 +105,7 @@ class TestPruningContract(TechniqueContract):
 
     def garbage_values(self, knob, dimension):
         return [*super().garbage_values(knob, dimension), *(
-            [0, 0.0, 1.5, 2, True, 1e-3] if knob in ("heads", "mlp") else ["L1", "magnitude"]
+            [-0.5, 1.5, 2, True, 1e-3] if knob in ("heads", "mlp") else ["L1", "magnitude"]  # 0 removes the branch
         )]
 
 
@@ -188,7 +189,8 @@ def test_the_vit_space_file_offers_sensible_choices_for_the_demo_vit() -> None:
     assert len(dims) == 6 * 2 + 1
     heads = {kept_count(3, v) for v in dims["blocks.5:pruning.heads"].choices}
     widths = {kept_count(384, v) for v in dims["blocks.0:pruning.mlp"].choices}
-    assert heads == {3, 2, 1} and widths == {384, 288, 192, 96, 48}  # 48: MLP 0.125, the floor on fast-GEMM CPUs
+    # 48: MLP 0.125; 0: the branch removed (without it the space's floor was ~0.5x on fast-GEMM CPUs)
+    assert heads == {3, 2, 1, 0} and widths == {384, 288, 192, 96, 48, 0}
     assert set(dims["pruning.criterion"].choices) == {"l1", "taylor"}
 
 
@@ -197,7 +199,7 @@ def test_the_vit_space_file_offers_sensible_choices_for_the_demo_vit() -> None:
 
 @pytest.mark.parametrize(
     ("knob", "value", "reason"),
-    [("heads", 0.0, "(0, 1]"), ("heads", 0, "(0, 1]"), ("heads", 1.5, "(0, 1]"), ("heads", 2, "(0, 1]"),
+    [("heads", 1.5, "(0, 1]"), ("heads", 2, "(0, 1]"),
      ("heads", -0.5, "(0, 1]"), ("heads", True, "(0, 1]"), ("heads", "half", "(0, 1]"),
      ("heads", 0.2, "keeps 0 of 2 heads"), ("mlp", 0.001, "keeps 0 of 192 MLP channels"), ("mlp", 1.01, "(0, 1]")],
 )
@@ -557,3 +559,70 @@ def test_the_vit_space_file_prunes_every_beit_and_eva_block(plugins, spec: Model
     space = SearchSpace.load("vit").resolve(model, plugins.techniques)
     pruning = {d.name for d in space.dimensions if d.technique == "pruning"}
     assert pruning == {f"blocks.{i}:pruning.{k}" for i in range(2) for k in ("heads", "mlp")} | {"pruning.criterion"}
+
+
+# --- removing a whole branch (0 heads / 0 MLP channels) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", (*MODELS, *FAMILIES), ids=[m.id for m in (*MODELS, *FAMILIES)])
+def test_removing_every_head_or_channel_is_the_branch_with_its_output_weights_zeroed(spec: ModelSpec) -> None:
+    """With every head pruned, what the attention adds is its ``proj`` bias (likewise ``fc2``'s for the MLP): the
+    model with ``heads: 0`` on one block and ``mlp: 0`` on another computes exactly what the original computes with
+    those output weights zeroed, on SDPA and the explicit path. Fails if the norm, the layer scale or the bias is
+    dropped, or the wrong branch goes."""
+    from autocompress_pruning.surgery import RemovedBranch
+
+    model = spec.create()
+    _randomize_head_vectors(model)
+    with torch.no_grad():
+        for block in model.blocks:  # timm starts biases at zero: random ones show that they are kept
+            for linear in (block.attn.proj, block.mlp.fc2):
+                linear.bias.normal_(0.0, 0.5)
+    blocks = PRUNING.candidate_layers(model)
+    settings = TechniqueSettings({blocks[0]: {"heads": 0.0}, blocks[-1]: {"mlp": 0, "heads": 0.5}})
+    removed = PRUNING.apply(copy.deepcopy(model), settings, ApplyContext())
+    assert isinstance(removed.get_submodule(blocks[0]).attn, RemovedBranch)
+    assert isinstance(removed.get_submodule(blocks[-1]).mlp, RemovedBranch)
+    assert isinstance(removed.get_submodule(blocks[0]).norm1, nn.Identity)
+    assert not isinstance(removed.get_submodule(blocks[0]).norm2, nn.Identity)  # the MLP's norm stays
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.get_submodule(blocks[0]).attn.proj.weight.zero_()
+        reference.get_submodule(blocks[-1]).mlp.fc2.weight.zero_()
+    reference = PRUNING.apply(reference, TechniqueSettings({blocks[-1]: {"heads": 0.5}}), ApplyContext())
+    x = spec.images(2)
+    for fused in (True, False):
+        _set_fused_attn(removed, fused)
+        _set_fused_attn(reference, fused)
+        for a, b in zip(_features_and_logits(removed, x), _features_and_logits(reference, x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    b0 = model.get_submodule(blocks[0])
+    gone = sum(p.numel() for m in (b0.attn, b0.norm1) for p in m.parameters()) - b0.attn.proj.bias.numel()
+    assert _params(removed) < _params(model) - gone + 1  # the branch's weights are gone, its bias stays
+
+
+def test_a_post_norm_block_refuses_removal_by_name_but_still_prunes_heads() -> None:
+    """ResPostBlock normalizes the branch's output, not its input: its attention cannot become a constant bias."""
+    spec = ModelSpec("vit-res-post", "vit_tiny_patch16_224",
+                     dict(TINY_VIT, block_fn=__import__("timm").models.vision_transformer.ResPostBlock))
+    model = spec.create()
+    with pytest.raises(ValueError, match="pre-norm block .* not ResPostBlock"):
+        PRUNING.check_value(model, "blocks.0", "heads", 0.0)
+    PRUNING.check_value(model, "blocks.0", "heads", 0.5)
+
+
+def test_settings_for_layers_a_removed_branch_took_with_it_are_dropped_not_failed(plugins) -> None:
+    """Quantizing or factorizing the Linears of an attention that pruning removed has nothing left to act on: the
+    policy applies (those layers' settings are void), while a layer the model never had is still refused."""
+    spec = MODELS[0]
+    model = spec.create()
+    policy = Policy({"pruning": TechniqueSettings({"blocks.0": {"heads": 0.0}}),
+                     "quantization": TechniqueSettings({"blocks.0.attn.qkv": {"format": "int8_dynamic"},
+                                                        "blocks.1.attn.qkv": {"format": "int8_dynamic"}}),
+                     "lowrank": TechniqueSettings({"blocks.0.attn.proj": {"rank": 0.25}})})
+    compressed = apply_policy(model, policy, plugins.techniques, ApplyContext())
+    assert type(compressed.blocks[1].attn.qkv).__name__ == "DynamicInt8Linear"
+    assert torch.isfinite(_out(compressed, spec.images(2))).all()
+    wrong = Policy({"quantization": TechniqueSettings({"blocks.9.attn.qkv": {"format": "int8_dynamic"}})})
+    with pytest.raises((InputError, TechniqueError)):
+        apply_policy(model, wrong, plugins.techniques, ApplyContext())

@@ -32,6 +32,13 @@ MLP kinds (a channel's row in every input Linear, its column in ``fc2``, its sli
 - ``timm.layers.GluMlp`` (EVA-02's packed SwiGLU): ``fc1`` holds both halves that the forward chunks apart, so a
   channel's row is removed from each half and the halves stay aligned.
 
+Every head or every channel can go too (:func:`remove_branch`): the branch's output is then the bias of its last
+Linear (``proj`` / ``fc2``) for every token, so the branch becomes :class:`RemovedBranch`, which adds that bias, and
+the branch's own pre-norm (``norm1`` / ``norm2``), whose output nothing reads any more, becomes ``nn.Identity``.
+That needs a block whose forward is known to be pre-norm (``x + ls(branch(norm(x)))``): timm's ViT ``Block``, BEiT's
+``Block`` and EVA's ``EvaBlock``; a post-norm block (``ResPostBlock``, ``EvaBlockPostNorm``) would put the norm
+after the branch, and is refused.
+
 Not touched: the embedding width, hence layer scale (``gamma_1``/``gamma_2``, ``ls1``/``ls2``), norms outside the
 attention/MLP width, and the model-level rotary embedding. Other kinds (e.g. timm's ``AttentionRope``, whose rotary
 embedding may differ per head) are refused with the class name.
@@ -48,12 +55,15 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from timm.layers import GluMlp, Mlp, SwiGLU, apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention
-from timm.models.eva import EvaAttention
+from timm.models.beit import Block as BeitBlock
+from timm.models.eva import EvaAttention, EvaBlock
+from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
 __all__ = [
     "AttentionAdapter", "MlpAdapter", "PrunedBeitAttention", "PrunedEvaAttention", "attention_adapter",
-    "attention_problem", "head_counts", "mlp_adapter", "mlp_problem", "mlp_widths", "prune_heads", "prune_mlp",
+    "RemovedBranch", "attention_problem", "head_counts", "mlp_adapter", "mlp_problem", "mlp_widths", "prune_heads",
+    "prune_mlp", "remove_branch", "removal_problem",
 ]
 
 
@@ -406,6 +416,51 @@ def prune_mlp(mlp: nn.Module, keep: Sequence[int]) -> None:
     if adapter is None:
         raise ValueError(f"cannot narrow a {type(mlp).__name__} (supported: {_supported(_MLP)})")
     adapter.prune(mlp, keep)
+
+
+# --- whole branches -------------------------------------------------------------------------------------------------
+
+#: blocks whose forward is ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))`` (exact types)
+_PRE_NORM_BLOCKS = (VitBlock, BeitBlock, EvaBlock)
+#: branch -> the pre-norm that feeds it
+_BRANCH_NORM = {"attn": "norm1", "mlp": "norm2"}
+
+
+class RemovedBranch(nn.Module):
+    """A residual branch with all its heads or channels pruned: what is left of it is the bias of its last Linear,
+    the same for every token (zero without a bias). It ignores its input, so the norm before it is gone too."""
+
+    def __init__(self, bias: torch.Tensor | None, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # the attention's extra inputs are unused
+        if self.bias is None:
+            return x.new_zeros(()).expand(*x.shape[:-1], self.dim)
+        return self.bias.to(x.dtype).expand(*x.shape[:-1], self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, bias={self.bias is not None}"
+
+
+def removal_problem(block: nn.Module, branch: str) -> str | None:
+    """Why ``block``'s ``branch`` (``attn`` / ``mlp``) cannot be removed whole, or None when it can."""
+    if type(block) not in _PRE_NORM_BLOCKS:
+        names = ", ".join(f"{t.__module__.rpartition('.')[2]}.{t.__name__}" for t in _PRE_NORM_BLOCKS)
+        return f"removing a whole branch needs a pre-norm block ({names}), not {type(block).__name__}"
+    return attention_problem(block) if branch == "attn" else mlp_problem(block)
+
+
+def remove_branch(block: nn.Module, branch: str) -> None:
+    """Replace ``block``'s ``attn`` or ``mlp`` by the bias it adds with nothing left in it, and its norm by identity."""
+    problem = removal_problem(block, branch)
+    if problem:
+        raise ValueError(problem)
+    module = getattr(block, branch)
+    last = attention_adapter(module).heads_output(module) if branch == "attn" else mlp_adapter(module).hidden_output(module)
+    setattr(block, branch, RemovedBranch(last.bias, int(last.out_features)))
+    setattr(block, _BRANCH_NORM[branch], nn.Identity())
 
 
 # --- tensor surgery -------------------------------------------------------------------------------------------------

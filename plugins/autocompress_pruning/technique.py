@@ -6,8 +6,10 @@ block with a supported MLP but an unsupported attention still offers ``mlp``.
 
 Knobs are fractions, so one search space fits models with any head count and width, and "keep everything" is the
 same value (1.0) for every model and block. A fraction becomes a count by rounding to the nearest integer (halves
-up): with 3 heads, 0.67 keeps 2 and 0.34 keeps 1; with 6 heads, 0.5 keeps 3. A fraction that would keep nothing is
-rejected. The units removed are the least important by the ``criterion`` option (see ``importance.py``).
+up): with 3 heads, 0.67 keeps 2 and 0.34 keeps 1; with 6 heads, 0.5 keeps 3. ``0`` removes the whole branch (all
+heads: the attention; all channels: the MLP), leaving the bias it added (``surgery.remove_branch``); a fraction above
+0 that would keep nothing is rejected. The units removed are the least important by the ``criterion`` option (see
+``importance.py``).
 
 With ``ctx.structure_only`` the first heads/channels are kept without scoring: only the shapes matter there (a saved
 model's weights are loaded right after), so no data or weight statistics are needed.
@@ -40,6 +42,8 @@ from autocompress_pruning.surgery import (
     mlp_problem,
     prune_heads,
     prune_mlp,
+    removal_problem,
+    remove_branch,
 )
 
 _CACHE_KEY = "pruning.taylor_scores"
@@ -85,13 +89,19 @@ class PruningTechnique(Technique):
         if not plan:
             return model
 
-        scores = self._scores(model, plan, criterion, ctx)
+        # a branch removed whole needs no scores: nothing of it is kept
+        scored = {layer: (h or None, c or None) for layer, (h, c) in plan.items() if h or c}
+        scores = self._scores(model, scored, criterion, ctx) if scored else {}
         for layer, (heads, channels) in plan.items():
             block = model.get_submodule(layer)
-            if heads is not None:
+            if heads == 0:
+                remove_branch(block, "attn")
+            elif heads is not None:
                 s = scores[layer].heads
                 prune_heads(block.attn, range(heads) if s is None else top_indices(s, heads))
-            if channels is not None:
+            if channels == 0:
+                remove_branch(block, "mlp")
+            elif channels is not None:
                 s = scores[layer].channels
                 prune_mlp(block.mlp, range(channels) if s is None else top_indices(s, channels))
         return model
@@ -99,11 +109,18 @@ class PruningTechnique(Technique):
     # --- helpers ------------------------------------------------------------------------------------------------
 
     def _planned_count(self, block: nn.Module, knob: str, value: Any) -> int | None:
-        """Units to keep for ``knob`` (None: keep all); ``ValueError`` when the value cannot be applied."""
+        """Units to keep for ``knob`` (None: keep all; 0: remove the branch); ``ValueError`` when the value cannot be
+        applied."""
         if knob not in self.layer_knobs:
             raise ValueError(f"unknown knob (known: {', '.join(self.layer_knobs)})")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"{knob} is the fraction to keep, a number in (0, 1] (1.0 keeps everything)")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{knob} is the fraction to keep, a number in (0, 1] (1.0 keeps everything), or 0 to "
+                             f"remove the {'attention' if knob == 'heads' else 'MLP'}")
+        if float(value) == 0.0:
+            problem = removal_problem(block, "attn" if knob == "heads" else "mlp")
+            if problem:
+                raise ValueError(problem)
+            return 0
         if knob == "heads":
             problem = attention_problem(block)
             total = None if problem else attention_adapter(block.attn).heads(block.attn)
