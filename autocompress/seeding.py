@@ -307,12 +307,19 @@ def _add_options(layout: Layout, name: str, parent: int | None, context: tuple[S
                  options: list[Option], settings_of: list[tuple[Setting, ...]], costs: list["_Costs"],
                  damage: Mapping[str, float], technique_of: Mapping[str, str], identities: Mapping[str, Any]) -> None:
     children = layout.children(name)
-    for own in layout.own_settings(name):
+    removed = False
+    for own in layout.own_settings(name):  # the identity () first
         settings = context + own
         try:
             cost = tuple(c.layer(name, settings) - sum(c.layer(child, settings) for child in children) for c in costs)
         except _NoCost:
             continue  # not profiled or not realisable: never chosen
+        if not own:
+            # costs nothing as it is: removed by its context (a Linear of a pruned-away attention), so its other
+            # settings would realise the same model; offering them would only let the seeds differ in name
+            removed = parent is not None and all(v == 0.0 for v in cost) and not children
+        elif removed:
+            continue
         d = damage[_damage_key(own, g, technique_of, identities)[0]]
         if not math.isfinite(d):
             continue
@@ -366,7 +373,11 @@ class _Costs:
             try:
                 model = apply_policy(self.run.model, self.run.policy(params), self.run.techniques,
                                      ApplyContext(structure_only=True))
-                self._memory[key] = memory_mb(model.get_submodule(name))
+                try:
+                    layer = model.get_submodule(name)
+                except AttributeError:  # removed by its block's settings (all heads pruned): it weighs nothing
+                    layer = None
+                self._memory[key] = 0.0 if layer is None else memory_mb(layer)
             except Exception:  # noqa: BLE001 - a setting that cannot be realised is never chosen
                 self._memory[key] = math.nan
         value = self._memory[key]

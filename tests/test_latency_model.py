@@ -488,3 +488,43 @@ def test_profile_command_reuses_the_table(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
     assert main(["profile", str(config), "--out", str(tmp_path / "other.json"), "--no-progress"]) == 2
     assert "not a latency table" in capsys.readouterr().err
+
+
+def test_a_linear_of_a_removed_attention_costs_nothing_and_offers_the_solver_nothing_to_choose(tmp_path, plugins):
+    """``heads: 0`` removes a block's attention with its Linears. The profiler records those Linears as removed
+    under that setting (ratio 0, whatever their own format), so the predictor does not count them, and the solver
+    offers only their identity there: another format would realise the same model under another name."""
+    from collections import defaultdict
+
+    from autocompress.latency_model.layout import Layout
+    from autocompress.seeding import _add_options, _Costs
+
+    model = make_tiny_vit()
+    example = torch.randn(32, 1, 28, 28)
+    space = SearchSpace.from_dict({"techniques": {
+        "pruning": {"layers": [{"match": "re:blocks\\.\\d+", "heads": [1.0, 0.0]}]},
+        "quantization": {"layers": [{"match": "re:blocks\\.\\d+\\.attn\\.qkv", "format": ["fp32", "int8_dynamic"]}]},
+    }}).resolve(model, plugins.techniques)
+    path = tmp_path / "table.json"
+    predictor, _ = build_predictor(model, example, space, plugins, model_name="vit_tiny_patch16_224",
+                                   model_kwargs=TINY_VIT, threads=2, warmup=1, repeats=3, path=path, progress=False)
+    table = LatencyTable.load(path)
+    heads, fmt = ("blocks.0:pruning.heads", 0.0), ("blocks.0.attn.qkv:quantization.format", "int8_dynamic")
+    for settings in [(heads,), (heads, fmt)]:
+        assert table.entry("blocks.0.attn.qkv", settings_key(settings)) == {"ratio": 0.0, "how": "removed"}
+    assert table.entry("blocks.0.attn.qkv", settings_key([fmt]))["how"] != "removed"
+    no_attention = {"blocks.0:pruning.heads": 0.0, "blocks.1:pruning.heads": 0.0}
+    quantized = {**no_attention, **{d.name: "int8_dynamic" for d in space.dimensions if d.technique == "quantization"}}
+    assert predictor.predict(quantized) == pytest.approx(predictor.predict(no_attention))
+    assert predictor.predict(no_attention) < predictor.predict({})
+
+    layout = predictor.layout
+    identities = space.identities
+    damage = defaultdict(lambda: 0.01, {"": 0.0})
+    options, settings_of = [], []
+    _add_options(layout, "blocks.0", None, (), (), options, settings_of, [_Costs(None, layout, predictor, identities)],
+                 damage, {d.name: d.technique for d in space.dimensions}, identities)
+    parent = {o.key: i for i, o in enumerate(options) if o.layer == "blocks.0"}
+    under = lambda key: [o.key for o in options if o.layer == "blocks.0.attn.qkv" and o.parent == parent[key]]  # noqa: E731
+    assert under(settings_key([heads])) == [""]  # removed: the identity alone
+    assert sorted(under("")) == ["", settings_key([fmt])]  # all heads kept: both formats

@@ -460,6 +460,8 @@ class ProfileSession:
         for v, _ in variants:
             if v.how == "not called":
                 table.put(v.name, v.key, {"ratio": 1.0, "how": v.how})
+            elif v.how == "removed":
+                table.put(v.name, v.key, {"ratio": 0.0, "how": v.how})
             elif v.how.startswith("failed"):
                 table.put(v.name, v.key, {"how": v.how})
                 stats.failed += 1
@@ -579,7 +581,7 @@ class ProfileSession:
             return _Variant(name, key, how=inputs)
         io = inputs.get(name)
         if io is None:
-            return _Variant(name, key, how="not called")
+            return _Variant(name, key, how="removed" if ctx_key and self._removed(root, settings, name) else "not called")
         try:
             realised = apply_policy(path_copy(self.model, root), Policy.from_params(dict(settings)), self.techniques,
                                     ApplyContext(structure_only=True), inplace=True)
@@ -594,6 +596,17 @@ class ProfileSession:
             return _Variant(name, key, how="end to end", whole=realised)
         return _Variant(name, key, how="measured", sig=unit_signature(unit, io.args, io.kwargs),
                         identity_sig=identity_sig)
+
+    def _removed(self, root: str, settings: tuple[Setting, ...], name: str) -> bool:
+        """Whether the settings of the layers containing ``name`` remove it (a block pruned of all its heads has no
+        ``attn.qkv``): it then costs nothing there, whatever its own settings."""
+        ctx = {p: v for p, v in settings if self.layout.layer_of(p) != name}
+        try:
+            realised = apply_policy(path_copy(self.model, root), Policy.from_params(ctx), self.techniques,
+                                    ApplyContext(structure_only=True), inplace=True)
+        except Exception:  # noqa: BLE001 - a context that cannot be realised is recorded by _context
+            return False
+        return not _has_submodule(realised, name)
 
     def _identity(self, name: str) -> str:
         """Signature of the uncompressed layer on its input ('' if it cannot run on its own)."""
