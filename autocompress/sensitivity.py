@@ -329,7 +329,7 @@ def _same_blocks(model: nn.Module, candidate: nn.Module, prefix: _Prefix) -> boo
 
 def _same_module(a: nn.Module, b: nn.Module) -> bool:
     """Same structure (classes, settings, shapes, dtypes, hooks) and the same tensors."""
-    from autocompress.latency_model.profiler import structure_signature
+    from autocompress.latency_model.signatures import structure_signature
 
     if a is b:
         return True

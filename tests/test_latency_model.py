@@ -17,7 +17,7 @@ import autocompress
 from autocompress.compose import apply_policy
 from autocompress.config import config_from_dict
 from autocompress.errors import InputError
-from autocompress.latency_model import LatencyModelError, LatencyTable, Timing, build_predictor, profiler
+from autocompress.latency_model import LatencyModelError, LatencyTable, Timing, build_predictor, timing
 from autocompress.latency_model.layout import settings_key
 from autocompress.pluginmanager import load_plugins
 from autocompress.space import SearchSpace
@@ -69,13 +69,13 @@ def _space(plugins, model, with_width: bool = False, head: tuple = ("fp32", "bf1
 def _count_timings(monkeypatch) -> list[int]:
     """Count every timed sample the profiler takes."""
     calls = [0]
-    original = profiler._Item.sample
+    original = timing.TimedItem.sample
 
     def counting(self):
         calls[0] += 1
         return original(self)
 
-    monkeypatch.setattr(profiler._Item, "sample", counting)
+    monkeypatch.setattr(timing.TimedItem, "sample", counting)
     return calls
 
 
@@ -496,7 +496,6 @@ def test_a_linear_of_a_removed_attention_costs_nothing_and_offers_the_solver_not
     offers only their identity there: another format would realise the same model under another name."""
     from collections import defaultdict
 
-    from autocompress.latency_model.layout import Layout
     from autocompress.seeding import _add_options, _Costs
 
     model = make_tiny_vit()

@@ -20,8 +20,11 @@ from torch import nn
 
 from autocompress.latency_model.layout import Layout
 from autocompress.latency_model.predictor import LatencyModelError, LatencyPredictor
-from autocompress.latency_model.profiler import ProfileStats, Timing, profile, structure_signature
+from autocompress.latency_model.plan import ProfileStats
+from autocompress.latency_model.profiler import profile
+from autocompress.latency_model.signatures import structure_signature
 from autocompress.latency_model.table import LatencyTable, default_table_path, table_key
+from autocompress.latency_model.timing import Timing
 from autocompress.runtime import TORCH, Runtime
 from autocompress.space import ResolvedSpace
 from autocompress.technique import Technique

@@ -31,17 +31,19 @@ A variant that changes its layer's output shape (a block that merges tokens) cha
 it is timed end to end instead, interleaved with the uncompressed model, and stored as a delta (a fraction of
 ``base_ms``). Global options that change no module class, scalar setting, tensor shape or dtype (recovery
 training) are marked neutral and never timed.
+
+One file per job: what to time (``plan.py``), the timing harness (``timing.py``: rounds, hooked passes, ratios),
+what decides a module's speed and the inputs it gets (``signatures.py``), cheap model copies (``copying.py``), the
+table (``table.py``); this file runs a profile with them.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import math
 import statistics
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -50,58 +52,23 @@ from torch import nn
 from autocompress.compose import apply_policy
 from autocompress.costs import num_threads
 from autocompress.latency_model.copying import path_copy, path_copy_many
-from autocompress.latency_model.layout import MODEL, Layout, Setting, global_settings, rename_layer, settings_key
+from autocompress.latency_model.layout import MODEL, Layout, Setting, rename_layer, settings_key
+from autocompress.latency_model.plan import ProfileStats, plan_profile, split_mirrored
+from autocompress.latency_model.signatures import (
+    Captured, capture, failure, has_submodule, shapes, structure_signature, unit_signature,
+)
 from autocompress.latency_model.table import LatencyTable
+from autocompress.latency_model.timing import (
+    LayerClock, TimedItem, TimedPass, Timing, paired_ratio, ratios_stable, residuals, run_rounds,
+)
 from autocompress.policy import Policy
 from autocompress.space import ResolvedSpace
 from autocompress.technique import ApplyContext, Technique
 
-#: each timed sample of a layer repeats the call until it lasts this long, so sub-millisecond layers time well
-MIN_SAMPLE_MS = 2.0
-#: variant rounds stop after this many once every ratio is stable (see ProfileSession._rounds), else run Timing.rounds
-MIN_ROUNDS = 5
-#: stable: the per-round ratios' interquartile range within this fraction of their median
-STABLE_SPREAD = 0.08
 #: how many variants are realised and timed together (bounds the memory held by realised models)
 CHUNK = 32
 #: how many congruent blocks of one pass carry the same variant (their times are summed before the ratio is taken)
 REPLICAS = 3
-
-
-@dataclass
-class ProfileStats:
-    """What one profile run did. ``measured`` counts what was timed now: distinct layer variants, whole-model
-    variants, and the uncompressed model's context rounds (one)."""
-
-    variants: int = 0  # (layer, settings) pairs the space needs
-    from_table: int = 0  # found in the table: not touched
-    measured: int = 0
-    reused: int = 0  # same module structure and input as a variant timed in this run: not timed again
-    end_to_end: int = 0  # timed as whole-model deltas
-    neutral: int = 0  # global option values found to leave the model's structure unchanged
-    failed: int = 0  # the technique could not realise the combination
-    mirrored: int = 0  # of the reused: taken from the same variant of a congruent block (same shapes, same knobs)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        return (f"{self.variants} variants: {self.from_table} from the table, {self.measured} timed "
-                f"({self.end_to_end} end to end), {self.reused} reused (same module and input; {self.mirrored} "
-                f"from a congruent block), "
-                f"{self.failed} failed; {self.neutral} neutral global option values; {self.seconds:.1f} s")
-
-
-@dataclass(frozen=True)
-class Timing:
-    threads: int
-    warmup: int = 3
-    repeats: int = 10
-    #: wall time by default (latency is what a user waits); tests may pass ``time.process_time`` with one thread so
-    #: other processes on a shared machine do not enter the comparison
-    clock: Callable[[], float] = time.perf_counter
-
-    @property
-    def rounds(self) -> int:
-        return max(self.repeats, 7)
 
 
 def profile(
@@ -163,138 +130,7 @@ def profile(
     return layout, stats
 
 
-def plan_profile(
-    table: LatencyTable, model: nn.Module, space: ResolvedSpace, techniques: Mapping[str, Technique],
-    stats: ProfileStats, max_combinations: int = 64, force: bool = False,
-) -> tuple[Layout, list[tuple[str, tuple[Setting, ...]]], bool]:
-    """What a profile must time (every profiler, in torch or another runtime): the layout the entries are keyed by
-    (global options classified), the (layer, settings) variants the table lacks (identity entries aside), and
-    whether the uncompressed model and the identity entries must be timed. ``force`` empties the table first."""
-    if force:
-        table.entries.clear()
-        table.global_options.clear()
-        table.base_ms = None
-    globals_ = list(global_settings(space))
-    classify_globals(table, model, techniques, globals_)
-    layout = Layout.of(space, table.neutral_options(globals_))
-    stats.neutral = sum(1 for p, _ in globals_ if p in layout.neutral)
-    tasks: list[tuple[str, tuple[Setting, ...]]] = []
-    for name in layout.layers:
-        combos, _ = layout.combinations(name, max_combinations)
-        for settings in combos:
-            stats.variants += 1
-            if table.has(name, settings_key(settings)):
-                stats.from_table += 1
-            elif settings:  # identity entries come from the context rounds
-                tasks.append((name, settings))
-    need_context = table.base_ms is None or any(not table.has(name, "") for name in layout.layers)
-    return layout, tasks, need_context
-
-
-def classify_globals(table: LatencyTable, model: nn.Module, techniques: Mapping[str, Technique],
-                      settings: list[Setting]) -> None:
-    """Mark each global option value structural or neutral (no module, shape or dtype changes: costs nothing)."""
-    todo = [s for s in settings if settings_key([s]) not in table.global_options]
-    if not todo:
-        return
-    base_sig = structure_signature(model)
-    for setting in todo:
-        try:
-            realised = apply_policy(model, Policy.from_params(dict([setting])), techniques,
-                                    ApplyContext(structure_only=True))
-            structural = structure_signature(realised) != base_sig
-            del realised
-        except Exception as exc:  # cannot be realised alone: treat as structural, its variants will say why
-            structural = True
-            table.global_options[settings_key([setting])] = {"structural": True, "how": failure(exc)}
-            continue
-        table.global_options[settings_key([setting])] = {"structural": structural}
-
-
-def split_mirrored(
-    tasks: list[tuple[str, tuple[Setting, ...]]], layout: Layout, mirror: dict[str, str], table: LatencyTable,
-) -> tuple[list[tuple[str, tuple[Setting, ...]]], list[tuple[str, tuple[Setting, ...], str, tuple[Setting, ...]]]]:
-    """Tasks to profile, and tasks of congruent blocks to take from their representative block's entries
-    ``(name, settings, representative name, representative settings)``."""
-    own: list[tuple[str, tuple[Setting, ...]]] = []
-    planned: set[tuple[str, str]] = set()
-    mirrored = []
-    for name, settings in tasks:
-        ancestors = layout.layers[name].ancestors
-        top = ancestors[1] if len(ancestors) > 1 else name
-        rep = mirror.get(top)
-        if rep is None:
-            if (name, settings_key(settings)) not in planned:
-                own.append((name, settings))
-                planned.add((name, settings_key(settings)))
-            continue
-        rep_name = rename_layer(name, top, rep)
-        rep_settings = tuple((rename_layer(param, top, rep), value) for param, value in settings)
-        mirrored.append((name, settings, rep_name, rep_settings))
-        key = settings_key(rep_settings)
-        if not table.has(rep_name, key) and (rep_name, key) not in planned:
-            own.append((rep_name, rep_settings))
-            planned.add((rep_name, key))
-    return own, mirrored
-
-
 # --- a profile session ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-    """Something timed in the rounds: a layer alone (``fn`` called ``inner`` times per sample) or a whole model."""
-
-    fn: Callable[[], Any]
-    clock: Callable[[], float] = time.perf_counter
-    inner: int = 1
-    samples: list[float] = field(default_factory=list)
-
-    def sample(self) -> None:
-        start = self.clock()
-        for _ in range(self.inner):
-            self.fn()
-        self.samples.append((self.clock() - start) * 1000.0 / self.inner)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-
-class _Pass:
-    """A realised model timed whole, with forward hooks timing the named layers in every pass."""
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, hooks: list[str], clock: Callable[[], float]) -> None:
-        self.model, self.example, self.hooks, self.clock = model, example, list(hooks), clock
-        self.inner = 1
-        self.samples: list[float] = []
-        self.times: dict[str, list[float]] = {h: [] for h in self.hooks}
-        self.variants: list[tuple[Any, tuple]] = []
-        self._clock = _LayerClock(model, [h for h in self.hooks if h != MODEL], clock)
-
-    def fn(self) -> None:
-        self.model(self.example)
-
-    def hook_also(self, names: list[str]) -> None:
-        """Time these layers too (those the model has): the hooks of every pass of a round are the same."""
-        present = [n for n in names if n != MODEL and _has_submodule(self.model, n)]
-        self._clock = _LayerClock(self.model, present, self.clock)
-        for n in present:
-            if n not in self.times:
-                self.hooks.append(n)
-                self.times[n] = []
-
-    def sample(self) -> None:
-        with self._clock:
-            start = self.clock()
-            self.model(self.example)
-            total = (self.clock() - start) * 1000.0
-        self.samples.append(total)
-        for h in self.hooks:
-            self.times[h].append(total if h == MODEL else self._clock.last.get(h, 0.0))
-
-    def median(self, hook: str) -> float:
-        return statistics.median(self.times[hook])
 
 
 @dataclass
@@ -305,13 +141,6 @@ class _Variant:
     sig: str = ""  # the timed unit's signature
     identity_sig: str = ""
     whole: nn.Module | None = None  # timed end to end against the uncompressed model
-
-
-@dataclass
-class Captured:
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    out_shape: Any = None
 
 
 class ProfileSession:
@@ -341,7 +170,7 @@ class ProfileSession:
                 (rename_layer(k.param, root, "#"), repr(k.choices), repr(k.identity))
                 for layer in (root, *self.layout.descendants(root)) for k in self.layout.layers[layer].knobs
             )
-            key = repr((structure_signature(self.model.get_submodule(root)), _shapes(io.args), _shapes(io.kwargs),
+            key = repr((structure_signature(self.model.get_submodule(root)), shapes(io.args), shapes(io.kwargs),
                         knobs))
             if key in first:
                 mirror[root] = first[key]
@@ -389,7 +218,7 @@ class ProfileSession:
         make the layers add up to more than the model."""
         names = [n for n in self.layout.layers if n != MODEL]
         shares: dict[str, list[float]] = {n: [] for n in names}
-        clock = _LayerClock(self.model, names, self.timing.clock)
+        clock = LayerClock(self.model, names, self.timing.clock)
         plain = self._item(lambda: self.model(self.example))
         hooked = self._item(lambda: self.model(self.example))
         for _ in range(max(1, self.timing.warmup)):
@@ -434,7 +263,7 @@ class ProfileSession:
             hooked = sorted({*hooked, *self.layout.roots})
         for p in passes:
             p.hook_also(hooked)
-        base = _Pass(self.model, self.example, hooked, self.timing.clock)
+        base = TimedPass(self.model, self.example, hooked, self.timing.clock)
         plain = self._item(lambda: self.model(self.example)) if wholes else None
         def ratio_rounds() -> list[list[float]]:
             """Per variant, its per-round ratios so far (what decides whether more rounds are needed)."""
@@ -448,15 +277,15 @@ class ProfileSession:
             return out
 
         self._rounds([base, *passes, *wholes.values(), *([plain] if plain else [])], stable=lambda: all(
-            _stable(r) for r in ratio_rounds()), settled=[base, *([plain] if plain else [])])
+            ratios_stable(r) for r in ratio_rounds()), settled=[base, *([plain] if plain else [])])
         for p in passes:
             for v, hooks in p.variants:
                 variant = [sum(p.times[h][r] for h in hooks) for r in range(len(p.samples))]
                 reference = [sum(base.times[h][r] for h in hooks) for r in range(len(base.samples))]
-                self.ratios[(v.sig, v.identity_sig)] = _paired_ratio(variant, reference)
+                self.ratios[(v.sig, v.identity_sig)] = paired_ratio(variant, reference)
                 if hooks == [MODEL]:  # what no top-level layer covers, under this global option / uncompressed
-                    rest, base_rest = _residuals(p, self.layout.roots), _residuals(base, self.layout.roots)
-                    self.residual_ratios[(v.sig, v.identity_sig)] = _paired_ratio(rest, base_rest)
+                    rest, base_rest = residuals(p, self.layout.roots), residuals(base, self.layout.roots)
+                    self.residual_ratios[(v.sig, v.identity_sig)] = paired_ratio(rest, base_rest)
         for v, _ in variants:
             if v.how == "not called":
                 table.put(v.name, v.key, {"ratio": 1.0, "how": v.how})
@@ -466,7 +295,7 @@ class ProfileSession:
                 table.put(v.name, v.key, {"how": v.how})
                 stats.failed += 1
             elif v.whole is not None:
-                delta = _paired_ratio(wholes[id(v.whole)].samples, plain.samples) - 1.0
+                delta = paired_ratio(wholes[id(v.whole)].samples, plain.samples) - 1.0
                 table.put(v.name, v.key, {"delta": round(delta, 6), "how": "end to end"})
                 stats.measured += 1
                 stats.end_to_end += 1
@@ -481,7 +310,7 @@ class ProfileSession:
                     entry["residual_ratio"] = round(self.residual_ratios[pair], 6)
                 table.put(v.name, v.key, entry)
 
-    def _passes(self, todo: list[tuple["_Variant", tuple[Setting, ...]]]) -> list["_Pass"]:
+    def _passes(self, todo: list[tuple["_Variant", tuple[Setting, ...]]]) -> list["TimedPass"]:
         """Pack variants into realised models. A variant goes into up to ``REPLICAS`` congruent blocks of one pass
         (its ratio is then taken over all of them: a single layer's time in one pass is noisy on a busy machine),
         different variants into other blocks of the same pass; passes are split by global option settings, which
@@ -498,7 +327,7 @@ class ProfileSession:
             top = ancestors[1] if len(ancestors) > 1 else v.name
             global_key = settings_key([s for s in settings if self.layout.layer_of(s[0]) == MODEL])
             groups.setdefault(global_key, []).append((v, settings, top))
-        passes: list[_Pass] = []
+        passes: list[TimedPass] = []
         for key, items in groups.items():
             if key.startswith("whole:"):
                 v, settings, _ = items[0]
@@ -529,7 +358,7 @@ class ProfileSession:
                 passes.append(self._build_pass(p["placed"], params))
         return passes
 
-    def _build_pass(self, placed: list, params: dict[str, Any]) -> "_Pass":
+    def _build_pass(self, placed: list, params: dict[str, Any]) -> "TimedPass":
         slots = [slot for *_, group in placed for slot in group]
         global_ = any(self.layout.layer_of(p) == MODEL for p in params)
         model = copy.deepcopy(self.model) if global_ or MODEL in slots else path_copy_many(self.model, slots)
@@ -537,39 +366,13 @@ class ProfileSession:
                              inplace=True)
         hooks = [[MODEL if slot == MODEL else rename_layer(v.name, top, slot) for slot in group]
                  for v, _, top, group in placed]
-        p = _Pass(model, self.example, [h for group in hooks for h in group], self.timing.clock)
+        p = TimedPass(model, self.example, [h for group in hooks for h in group], self.timing.clock)
         p.variants = [(v, group) for (v, *_), group in zip(placed, hooks)]
         return p
 
-    def _rounds(self, items: list[_Item], stable: Callable[[], bool] | None = None,
-                settled: list[_Item] = ()) -> None:
-        """Time ``items`` round by round. With ``stable``, rounds stop once it says the ratios are settled (at least
-        ``MIN_ROUNDS``): most variants' per-round ratios agree within a few percent after five rounds, and each
-        round is a whole forward pass per realised model, the bulk of a profile's time.
-
-        Each sample of a ``settled`` item (the uncompressed reference every ratio divides by) follows an untimed
-        call of itself: with torch and oneDNN capped to AVX2 on a Xeon with AMX, a model run right after a bf16
-        variant (oneDNN's emulated bf16 GEMMs) took 14% longer than after itself, so a reference timed after one
-        made every ratio of its round look 14% smaller. One extra uncompressed pass per round is cheap beside the
-        variants' passes."""
-        if not items:
-            self.step(self.timing.rounds)
-            return
-        for item in items:  # one call warms the item up (its kernels are the uncompressed model's, already warm)
-            start = self.timing.clock()  # and sizes each sample to MIN_SAMPLE_MS
-            item.fn()
-            once = (self.timing.clock() - start) * 1000.0
-            item.inner = max(1, min(1000, math.ceil(MIN_SAMPLE_MS / max(once, 1e-4))))
-        for r in range(self.timing.rounds):
-            shift = r % len(items)  # rotate the order so no item always follows the same one
-            for item in items[shift:] + items[:shift]:
-                if any(item is s for s in settled):
-                    item.fn()
-                item.sample()
-            self.step(1)
-            if stable is not None and r + 1 >= MIN_ROUNDS and r + 1 < self.timing.rounds and stable():
-                self.step(self.timing.rounds - r - 1)
-                return
+    def _rounds(self, items: list[TimedItem], stable: Callable[[], bool] | None = None,
+                settled: list[TimedItem] = ()) -> None:
+        run_rounds(items, self.timing, self.step, stable=stable, settled=settled)
 
     def _realise(self, name: str, settings: tuple[Setting, ...]) -> _Variant:
         key = settings_key(settings)
@@ -589,7 +392,7 @@ class ProfileSession:
             return _Variant(name, key, how=failure(exc))
         try:
             unit = realised.get_submodule(name)
-            separable = bool(identity_sig) and _shapes(unit(*io.args, **io.kwargs)) == io.out_shape
+            separable = bool(identity_sig) and shapes(unit(*io.args, **io.kwargs)) == io.out_shape
         except Exception:
             separable = False
         if not separable:  # its output changes what later layers get, or it cannot run alone
@@ -606,7 +409,7 @@ class ProfileSession:
                                     ApplyContext(structure_only=True), inplace=True)
         except Exception:  # noqa: BLE001 - a context that cannot be realised is recorded by _context
             return False
-        return not _has_submodule(realised, name)
+        return not has_submodule(realised, name)
 
     def _identity(self, name: str) -> str:
         """Signature of the uncompressed layer on its input ('' if it cannot run on its own)."""
@@ -638,153 +441,5 @@ class ProfileSession:
                 self.contexts.popitem(last=False)
         return cached
 
-    def _item(self, fn: Callable[[], Any]) -> _Item:
-        return _Item(fn, self.timing.clock)
-
-
-class _LayerClock:
-    """Forward hooks that time named layers inside a forward pass (``last``: ms per layer in the latest pass)."""
-
-    def __init__(self, model: nn.Module, names: list[str], clock: Callable[[], float] = time.perf_counter) -> None:
-        self.model, self.names, self.clock = model, names, clock
-        self.last: dict[str, float] = {}
-        self._start: dict[str, float] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "_LayerClock":
-        self.last = {}
-        for name in self.names:
-            module = self.model.get_submodule(name)
-            self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._begin(n)))
-            self._handles.append(module.register_forward_hook(lambda m, a, o, n=name: self._end(n)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _begin(self, name: str) -> None:
-        self._start[name] = self.clock()
-
-    def _end(self, name: str) -> None:
-        self.last[name] = self.last.get(name, 0.0) + (self.clock() - self._start[name]) * 1000.0
-
-
-# --- pieces -----------------------------------------------------------------------------------------------------
-
-
-def capture(model: nn.Module, root: str, names: list[str], args: tuple, kwargs: dict) -> dict[str, Captured]:
-    """Run ``model``'s submodule ``root`` on ``(args, kwargs)``; the input and output shape of each of ``names``
-    (submodules of ``model``, first call each) in that run. Names the run never calls are left out."""
-    found: dict[str, Captured] = {}
-    handles = []
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-
-        def pre(mod, a, kw, name=name):
-            if name not in found:
-                found[name] = Captured(_clone(a), _clone(kw))
-
-        def post(mod, a, output, name=name):
-            if name in found and found[name].out_shape is None:
-                found[name].out_shape = _shapes(output)
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post))
-    try:
-        with torch.inference_mode():
-            model.get_submodule(root)(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
-def _residuals(p: "_Pass", roots: list[str]) -> list[float]:
-    """Per round: the pass's total minus its top-level layers (what the residual is, measured in one pass)."""
-    return [p.times[MODEL][r] - sum(p.times[n][r] for n in roots if n in p.times) for r in range(len(p.samples))]
-
-
-def _stable(ratios: list[float]) -> bool:
-    """Whether more rounds would barely move the median: the rounds' interquartile range is within
-    ``STABLE_SPREAD`` of the median."""
-    if len(ratios) < MIN_ROUNDS:
-        return False
-    q1, median, q3 = statistics.quantiles(ratios, n=4)
-    return median > 0 and (q3 - q1) / median <= STABLE_SPREAD
-
-
-def _paired_ratio(variant: list[float], reference: list[float]) -> float:
-    """Median over rounds of variant / reference timed in the same round: load that shifts between rounds cancels."""
-    ratios = [v / r for v, r in zip(variant, reference) if r > 0]
-    return statistics.median(ratios) if ratios else 1.0
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def structure_signature(module: nn.Module) -> str:
-    """A digest of what decides a module's speed: module classes, scalar settings, hooks, tensor shapes, dtypes and
-    layouts. Weight values are left out, so the same format of a same-shaped layer in two blocks has one signature.
-    """
-    parts = []
-    for name, m in module.named_modules():
-        attrs = sorted((k, v) for k, v in vars(m).items()
-                       if not k.startswith("_") and k != "training" and _is_scalar(v))
-        tensors = [(n, tuple(t.shape), str(t.dtype), str(t.layout))
-                   for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None]
-        hooks = [getattr(h, "__qualname__", type(h).__name__)
-                 for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]]
-        parts.append((name, f"{type(m).__module__}.{type(m).__qualname__}", attrs, tensors, hooks))
-    return _digest(repr(parts))
-
-
-def unit_signature(unit: nn.Module, args: tuple, kwargs: dict) -> str:
-    return _digest(structure_signature(unit) + "|" + repr(_shapes(args)) + "|" + repr(_shapes(kwargs)))
-
-
-def failure(exc: BaseException) -> str:
-    return f"failed: {type(exc).__name__}: {exc}"[:200]
-
-
-def _is_scalar(value: Any) -> bool:
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return True
-    return isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:20]
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
-
-
-def _shapes(value: Any) -> Any:
-    if _is_scalar(value):
-        return value
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), str(value.dtype))
-    if isinstance(value, (tuple, list)):
-        return tuple(_shapes(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _shapes(v)) for k, v in value.items()))
-    return type(value).__name__
+    def _item(self, fn: Callable[[], Any]) -> TimedItem:
+        return TimedItem(fn, self.timing.clock)

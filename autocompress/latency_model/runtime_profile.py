@@ -31,10 +31,11 @@ from autocompress.compose import apply_policy
 from autocompress.costs import measure_latency, num_threads, paired_ratio
 from autocompress.latency_model.copying import path_copy_many
 from autocompress.latency_model.layout import MODEL, Layout, Setting, rename_layer, settings_key
-from autocompress.latency_model.profiler import (
-    ProfileSession, ProfileStats, Timing, failure, plan_profile, split_mirrored, structure_signature,
-)
+from autocompress.latency_model.plan import ProfileStats, plan_profile, split_mirrored
+from autocompress.latency_model.profiler import ProfileSession
+from autocompress.latency_model.signatures import failure, structure_signature
 from autocompress.latency_model.table import LatencyTable
+from autocompress.latency_model.timing import Timing
 from autocompress.policy import Policy
 from autocompress.runtime import Runtime
 from autocompress.space import ResolvedSpace
