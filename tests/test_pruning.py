@@ -349,6 +349,15 @@ def _features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
         return model.forward_features(x), model(x)
 
 
+def _assert_alike_on_both_attention_paths(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
+    """Features and logits of ``model`` match ``reference``'s on timm's SDPA path and its explicit softmax path."""
+    for fused in (True, False):
+        _set_fused_attn(model, fused)
+        _set_fused_attn(reference, fused)
+        for a, b in zip(_features_and_logits(model, x), _features_and_logits(reference, x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def _zero_units(block: nn.Module, heads: list[int], channels: list[int]) -> None:
     """Zero what the given heads and channels put out and every weight that scores them, leaving their biases: the
     output cannot depend on them, and they have the lowest L1 scores."""
@@ -428,12 +437,7 @@ def test_removing_dead_beit_and_eva_units_keeps_outputs(spec: ModelSpec) -> None
         assert torch.equal(attn.proj.weight, expected), "the live heads were not the ones kept"
         if hasattr(attn, "head_index"):
             assert attn.head_index.tolist() == live
-    x = spec.images(3)
-    for fused in (True, False):
-        _set_fused_attn(model, fused)
-        _set_fused_attn(pruned, fused)
-        for a, b in zip(_features_and_logits(pruned, x), _features_and_logits(model, x)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _assert_alike_on_both_attention_paths(pruned, model, spec.images(3))
 
 
 def _expected_shapes(spec: ModelSpec, heads: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -590,12 +594,7 @@ def test_removing_every_head_or_channel_is_the_branch_with_its_output_weights_ze
         reference.get_submodule(blocks[0]).attn.proj.weight.zero_()
         reference.get_submodule(blocks[-1]).mlp.fc2.weight.zero_()
     reference = PRUNING.apply(reference, TechniqueSettings({blocks[-1]: {"heads": 0.5}}), ApplyContext())
-    x = spec.images(2)
-    for fused in (True, False):
-        _set_fused_attn(removed, fused)
-        _set_fused_attn(reference, fused)
-        for a, b in zip(_features_and_logits(removed, x), _features_and_logits(reference, x)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _assert_alike_on_both_attention_paths(removed, reference, spec.images(2))
     b0 = model.get_submodule(blocks[0])
     gone = sum(p.numel() for m in (b0.attn, b0.norm1) for p in m.parameters()) - b0.attn.proj.bias.numel()
     assert _params(removed) < _params(model) - gone + 1  # the branch's weights are gone, its bias stays
