@@ -153,6 +153,8 @@ class ProfileSession:
         names = list(layout.layers)
         self.base = capture(model, MODEL, names, (example,), {})
         self.contexts: OrderedDict[tuple[str, str], dict[str, Captured] | str] = OrderedDict()
+        #: per context: the searched layers its settings remove (kept when the context's inputs are evicted: small)
+        self.removed: dict[tuple[str, str], frozenset[str]] = {}
         self.mirror: dict[str, str] = {}  # congruent block -> the first of its kind (see congruent_roots)
         self.ratios: dict[tuple[str, str], float] = {}  # (signature, identity signature) -> ratio, this run
         self.residual_ratios: dict[tuple[str, str], float] = {}  # the same, for the residual under global options
@@ -384,7 +386,9 @@ class ProfileSession:
             return _Variant(name, key, how=inputs)
         io = inputs.get(name)
         if io is None:
-            return _Variant(name, key, how="removed" if ctx_key and self._removed(root, settings, name) else "not called")
+            # removed by the settings of a layer that contains it (a block pruned of all its heads has no attn.qkv):
+            # it costs nothing there, whatever its own settings
+            return _Variant(name, key, how="removed" if name in self.removed.get((root, ctx_key), ()) else "not called")
         try:
             realised = apply_policy(path_copy(self.model, root), Policy.from_params(dict(settings)), self.techniques,
                                     ApplyContext(structure_only=True), inplace=True)
@@ -399,17 +403,6 @@ class ProfileSession:
             return _Variant(name, key, how="end to end", whole=realised)
         return _Variant(name, key, how="measured", sig=unit_signature(unit, io.args, io.kwargs),
                         identity_sig=identity_sig)
-
-    def _removed(self, root: str, settings: tuple[Setting, ...], name: str) -> bool:
-        """Whether the settings of the layers containing ``name`` remove it (a block pruned of all its heads has no
-        ``attn.qkv``): it then costs nothing there, whatever its own settings."""
-        ctx = {p: v for p, v in settings if self.layout.layer_of(p) != name}
-        try:
-            realised = apply_policy(path_copy(self.model, root), Policy.from_params(ctx), self.techniques,
-                                    ApplyContext(structure_only=True), inplace=True)
-        except Exception:  # noqa: BLE001 - a context that cannot be realised is recorded by _context
-            return False
-        return not has_submodule(realised, name)
 
     def _identity(self, name: str) -> str:
         """Signature of the uncompressed layer on its input ('' if it cannot run on its own)."""
@@ -434,6 +427,7 @@ class ProfileSession:
                                             ApplyContext(structure_only=True), inplace=True)
                     names = [root, *self.layout.descendants(root)]
                     cached = capture(realised, root, names, root_io.args, root_io.kwargs)
+                    self.removed[(root, ctx_key)] = frozenset(n for n in names if not has_submodule(realised, n))
                 except Exception as exc:
                     cached = failure(exc)
             self.contexts[(root, ctx_key)] = cached
