@@ -83,6 +83,8 @@ def _without_removed(settings: TechniqueSettings, model: nn.Module, present: set
     """``settings`` less the layers an earlier technique removed (a pruned-away attention's Linears): they were in
     the model the policy was made for and are not any more, so there is nothing left of them to compress. A layer the
     model never had stays, for the technique to refuse by name."""
+    if not settings.layers:
+        return settings
     now = {name for name, _ in model.named_modules()}
     gone = [layer for layer in settings.layers if layer in present and layer not in now]
     if not gone:

@@ -35,9 +35,10 @@ from typing_extensions import Required, TypedDict  # pydantic needs these before
 
 from autocompress import schema
 from autocompress.errors import InputError, yaml_error_where
-from autocompress.schema import Rule, only_keys, says
 from autocompress.policy import Policy, param_name
+from autocompress.schema import Rule, only_keys, says
 from autocompress.technique import Technique
+
 
 def _layer_rule(rule: Any) -> Any:
     if not isinstance(rule, Mapping) or not isinstance(rule.get("match"), str):
