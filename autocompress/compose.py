@@ -93,6 +93,20 @@ def _without_removed(settings: TechniqueSettings, model: nn.Module, present: set
                              options=dict(settings.options))
 
 
+def without_void(policy: Policy, original: nn.Module, compressed: nn.Module) -> Policy:
+    """``policy`` less the layer settings :func:`apply_policy` had to skip: layers of ``original`` that are not in
+    ``compressed`` (a technique removed them, e.g. the Linears of a pruned-away attention). Applied to
+    ``original`` it builds the same model, and it says only what was done, so it is the policy a run saves."""
+    now = {name for name, _ in compressed.named_modules()}
+    gone = {name for name, _ in original.named_modules()} - now
+    kept = Policy(model=policy.model)
+    for name, settings in policy.techniques.items():
+        layers = {layer: dict(knobs) for layer, knobs in settings.layers.items() if layer not in gone}
+        if layers or settings.options or not settings.layers:
+            kept.techniques[name] = TechniqueSettings(layers=layers, options=dict(settings.options))
+    return kept
+
+
 def simulated_layers(policy: Policy, techniques: Mapping[str, Technique]) -> list[str]:
     """Layers whose chosen format has no real kernel (counted for memory, never for speed)."""
     out: list[str] = []

@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from autocompress.compose import apply_policy, check_policy, load_compressed, save_compressed
+from autocompress.compose import apply_policy, check_policy, load_compressed, save_compressed, without_void
 from autocompress.errors import InputError, TechniqueError
 from autocompress.evaluate import accuracy
 from autocompress.policy import Policy
@@ -625,3 +625,26 @@ def test_settings_for_layers_a_removed_branch_took_with_it_are_dropped_not_faile
     wrong = Policy({"quantization": TechniqueSettings({"blocks.9.attn.qkv": {"format": "int8_dynamic"}})})
     with pytest.raises((InputError, TechniqueError)):
         apply_policy(model, wrong, plugins.techniques, ApplyContext())
+
+
+def test_the_policy_a_run_saves_leaves_out_the_settings_a_removed_branch_made_void(plugins) -> None:
+    """What :func:`without_void` keeps is what was applied: the void settings are gone, the rest is untouched, and
+    applied again it builds the same model."""
+    spec = MODELS[0]
+    model = spec.create()
+    policy = Policy({"pruning": TechniqueSettings({"blocks.0": {"heads": 0.0}, "blocks.1": {"mlp": 0.5}}),
+                     "quantization": TechniqueSettings({"blocks.0.attn.qkv": {"format": "int8_dynamic"},
+                                                        "blocks.1.attn.qkv": {"format": "int8_dynamic"}}),
+                     "lowrank": TechniqueSettings({"blocks.0.attn.proj": {"rank": 0.25}}),
+                     "distillation": TechniqueSettings(options={"steps": 0})})
+    compressed = apply_policy(model, policy, plugins.techniques, ApplyContext())
+    kept = without_void(policy, model, compressed)
+    assert kept.techniques["pruning"].layers == policy.techniques["pruning"].layers
+    assert kept.techniques["quantization"].layers == {"blocks.1.attn.qkv": {"format": "int8_dynamic"}}
+    assert "lowrank" not in kept.techniques, "its only layer went with the attention"
+    assert kept.techniques["distillation"].options == {"steps": 0}
+    assert "blocks.0.attn.qkv" in policy.techniques["quantization"].layers, "the policy given is not changed"
+    again = apply_policy(model, kept, plugins.techniques, ApplyContext())
+    assert [(n, type(m).__name__) for n, m in again.named_modules()] == \
+        [(n, type(m).__name__) for n, m in compressed.named_modules()]
+    torch.testing.assert_close(_out(again, spec.images(2)), _out(compressed, spec.images(2)))

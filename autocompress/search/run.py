@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 from torch import nn
 
+from autocompress.compose import without_void
 from autocompress.config import RunConfig, config_from_dict, finalize_steps, load_config, validate
 from autocompress.data import Dataset
 from autocompress.errors import InputError, SearchInterrupted
@@ -188,8 +189,8 @@ def finish_run(run: RunContext, rows: list[dict[str, Any]], run_dir: Path | None
                          else math.nan)
             if retime:
                 timings.append(run.retime(model))
-            if i == 0:
-                best_policy, best_model = policy, model
+            if i == 0:  # saved as applied: without settings of layers the policy itself removed
+                best_policy, best_model = without_void(policy, run.model, model), model
         if retime:  # the rows past PARETO_TEST_ROWS were not rebuilt: not re-timed either
             front["runtime"] = run.runtime.name
             for column in ("latency_ms_final", "latency_ms_torch"):
