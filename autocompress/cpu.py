@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from autocompress.costs import median_ratio, timed_rounds
 
 __all__ = ["AVX2_CAPS", "FLAGS", "CpuInfo", "bf16_gemm_speedup", "cpu_info", "describe", "slow_bf16_reason"]
 
@@ -80,19 +80,10 @@ def bf16_gemm_speedup(m: int = 1024, k: int = 384, n: int = 1152, rounds: int = 
     Rounds alternate the two formats and the median of the per-round ratios is kept, so a machine that slows down
     meanwhile slows both alike. About half a second on a CPU where bf16 is emulated, less where it is native."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
-    with torch.inference_mode():
-        for x, y in pairs.values():
-            x @ y  # warm-up: first calls allocate and pick kernels
-        ratios = []
-        for _ in range(rounds):
-            spent = {}
-            for fmt, (x, y) in pairs.items():
-                start = time.perf_counter()
-                x @ y
-                spent[fmt] = time.perf_counter() - start
-            ratios.append(spent["fp32"] / spent["bf16"])
-    return float(statistics.median(ratios))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    timed = timed_rounds({"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16}, a, warmup=1, repeats=rounds,
+                         alternate=True)
+    return float(median_ratio(timed["fp32"], timed["bf16"]))
 
 
 def slow_bf16_reason(min_speedup: float = 1.25) -> str | None:
@@ -105,8 +96,10 @@ def slow_bf16_reason(min_speedup: float = 1.25) -> str | None:
             f"of fp32, below {min_speedup}x")
 
 
-def _read_cpuinfo() -> tuple[str, set[str]]:
-    model, flags = "", set()
+@functools.lru_cache(maxsize=1)
+def _read_cpuinfo() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags, read once per process (they do not change while it runs)."""
+    model, flags = "", frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -117,7 +110,7 @@ def _read_cpuinfo() -> tuple[str, set[str]]:
         if key == "model name" and not model:
             model = value.strip()
         elif key == "flags" and not flags:
-            flags = set(value.split())
+            flags = frozenset(value.split())
     return model, flags
 
 

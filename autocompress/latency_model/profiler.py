@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from autocompress.compose import apply_policy
-from autocompress.costs import num_threads
+from autocompress.costs import median_ratio, num_threads
 from autocompress.latency_model.copying import path_copy, path_copy_many
 from autocompress.latency_model.layout import MODEL, Layout, Setting, rename_layer, settings_key
 from autocompress.latency_model.plan import ProfileStats, plan_profile, split_mirrored
@@ -59,7 +59,7 @@ from autocompress.latency_model.signatures import (
 )
 from autocompress.latency_model.table import LatencyTable
 from autocompress.latency_model.timing import (
-    LayerClock, TimedItem, TimedPass, Timing, paired_ratio, ratios_stable, residuals, run_rounds,
+    LayerClock, TimedItem, TimedPass, Timing, ratios_stable, residuals, run_rounds,
 )
 from autocompress.policy import Policy
 from autocompress.space import ResolvedSpace
@@ -284,10 +284,10 @@ class ProfileSession:
             for v, hooks in p.variants:
                 variant = [sum(p.times[h][r] for h in hooks) for r in range(len(p.samples))]
                 reference = [sum(base.times[h][r] for h in hooks) for r in range(len(base.samples))]
-                self.ratios[(v.sig, v.identity_sig)] = paired_ratio(variant, reference)
+                self.ratios[(v.sig, v.identity_sig)] = median_ratio(variant, reference)
                 if hooks == [MODEL]:  # what no top-level layer covers, under this global option / uncompressed
                     rest, base_rest = residuals(p, self.layout.roots), residuals(base, self.layout.roots)
-                    self.residual_ratios[(v.sig, v.identity_sig)] = paired_ratio(rest, base_rest)
+                    self.residual_ratios[(v.sig, v.identity_sig)] = median_ratio(rest, base_rest)
         for v, _ in variants:
             if v.how == "not called":
                 table.put(v.name, v.key, {"ratio": 1.0, "how": v.how})
@@ -297,7 +297,7 @@ class ProfileSession:
                 table.put(v.name, v.key, {"how": v.how})
                 stats.failed += 1
             elif v.whole is not None:
-                delta = paired_ratio(wholes[id(v.whole)].samples, plain.samples) - 1.0
+                delta = median_ratio(wholes[id(v.whole)].samples, plain.samples) - 1.0
                 table.put(v.name, v.key, {"delta": round(delta, 6), "how": "end to end"})
                 stats.measured += 1
                 stats.end_to_end += 1

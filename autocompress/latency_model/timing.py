@@ -142,12 +142,6 @@ def ratios_stable(ratios: list[float]) -> bool:
     return median > 0 and (q3 - q1) / median <= STABLE_SPREAD
 
 
-def paired_ratio(variant: list[float], reference: list[float]) -> float:
-    """Median over rounds of variant / reference timed in the same round: load that shifts between rounds cancels."""
-    ratios = [v / r for v, r in zip(variant, reference) if r > 0]
-    return statistics.median(ratios) if ratios else 1.0
-
-
 def run_rounds(items: list[TimedItem], timing: Timing, step: Callable[[int], Any],
                stable: Callable[[], bool] | None = None, settled: list[TimedItem] = ()) -> None:
     """Time ``items`` round by round. With ``stable``, rounds stop once it says the ratios are settled (at least
