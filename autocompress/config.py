@@ -255,7 +255,7 @@ def config_from_dict(data: Any, source: str = "config", base_dir: str | Path = "
         raise InputError(source, "a config must be a YAML mapping")
     for key in data:
         if key not in _FILE_KEYS:
-            raise InputError(f"{source}.{key}", f"unknown key (expected: {', '.join(_FILE_KEYS)})")
+            raise InputError(f"{source}.{key}", schema.unknown_key(_FILE_KEYS))
     return schema.check(_RUN_CONFIG, {**data, "source": source, "base_dir": str(base_dir)}, source, _MESSAGES, _keys)
 
 
@@ -265,12 +265,13 @@ def set_dotted(config: RunConfig, key: str, value: Any) -> None:
     head, _, tail = key.partition(".")
     if tail and head in _SECTIONS:
         if tail not in _keys((head,)):
-            raise InputError(f"{config.source}.{key}", "unknown key")
+            raise InputError(f"{config.source}.{key}", schema.unknown_key(_keys((head,))))
         setattr(getattr(config, head), tail, value)
     elif not tail and head in ("budget", "space", "out"):
         setattr(config, head, value)
     else:
-        raise InputError(f"{config.source}.{key}", "unknown key")
+        settable = ["budget", "space", "out", *(f"{section}.<key>" for section in _SECTIONS)]
+        raise InputError(f"{config.source}.{key}", schema.unknown_key(settable))
 
 
 def validate(config: RunConfig) -> None:

@@ -58,14 +58,20 @@ def says(message: str) -> WrapValidator:
     return WrapValidator(wrap)
 
 
+def unknown_key(allowed: Iterable[str] = ()) -> str:
+    """The one wording of an unknown key, wherever it is found: ``unknown key (expected one of: a, b)``."""
+    allowed = [str(a) for a in allowed]
+    return f"unknown key (expected one of: {', '.join(allowed)})" if allowed else "unknown key"
+
+
 def only_keys(*allowed: str) -> BeforeValidator:
-    """A mapping may hold only these keys: ``unknown key (expected 'a', 'b')``, naming the key."""
+    """A mapping may hold only these keys: ``unknown key (expected one of: a, b)``, naming the key."""
 
     def check(value: Any) -> Any:
         if isinstance(value, Mapping):
             unknown = sorted(str(key) for key in value if key not in allowed)
             if unknown:
-                raise Rule(f"unknown key (expected {', '.join(repr(a) for a in allowed)})", key=unknown[0])
+                raise Rule(unknown_key(allowed), key=unknown[0])
         return value
 
     return BeforeValidator(check)
@@ -115,8 +121,7 @@ def _words(error: Mapping[str, Any], rule: Any, loc: tuple, keys: Callable[[tupl
     if isinstance(rule, Exception):
         return str(rule)
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        allowed = list(keys(loc[:-1]) or ()) if keys else []
-        return f"unknown key (expected one of: {', '.join(allowed)})" if allowed else "unknown key"
+        return unknown_key((keys(loc[:-1]) or ()) if keys else ())
     if value is None and kind.endswith("_type"):
         return "must not be empty"
     if kind == "missing":

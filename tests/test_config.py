@@ -39,3 +39,27 @@ def test_an_unknown_key_in_a_section_names_the_keys_that_section_has():
         config_from_dict({"model": {"name": "m"}, "target": {"thread": 2}})
     assert info.value.field == "config.target.thread"
     assert "threads" in info.value.message and "batch_size" in info.value.message
+
+
+def test_an_unknown_key_is_worded_alike_in_a_file_a_section_an_override_and_a_space():
+    """One wording (schema.unknown_key) whether the file, a section, a command-line override or a space names a key
+    that does not exist, each listing what may be said there."""
+    from autocompress.config import set_dotted
+    from autocompress.space import SearchSpace
+
+    def message(call) -> str:
+        with pytest.raises(InputError) as info:
+            call()
+        return info.value.message
+
+    config = config_from_dict({"model": {"name": "m"}})
+    messages = [
+        message(lambda: config_from_dict({"modle": {}})),
+        message(lambda: config_from_dict({"model": {"name": "m"}, "search": {"trails": 3}})),
+        message(lambda: set_dotted(config, "search.trails", 3)),
+        message(lambda: set_dotted(config, "serch.trials", 3)),
+        message(lambda: SearchSpace.from_dict({"techniques": {}, "extra": 1})),
+    ]
+    assert all(m.startswith("unknown key (expected one of: ") for m in messages), messages
+    assert "model, data" in messages[0] and "trials" in messages[1] and messages[1] == messages[2]
+    assert "search.<key>" in messages[3] and "techniques" in messages[4]
