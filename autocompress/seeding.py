@@ -106,9 +106,10 @@ def plan_seeds(run: Any, run_dir: Path | None, log: Log = print, progress: bool 
     damage = sens.measure(wanted.items(), progress=progress, on_error=lambda key, exc: failed.append(key))
     plan.phases["sensitivity"] = time.perf_counter() - started
     reused = len([k for k in wanted if k]) - sens.measured  # the identity ("") is never scored
+    why = f": {sens.why}" if sens.why else ""  # the Fisher choice logged its reason when it was made
     log(f"sensitivity: {len(wanted)} settings, {sens.measured} scored in {sens.seconds:.1f} s"
         + (f" ({sens.by_fisher} by the Fisher estimate, the rest by KL; {len(sens.images)} images)"
-           if sens.chosen == "fisher" else f" (KL, {len(sens.images)} images)")
+           if sens.chosen == "fisher" else f" (KL, {len(sens.images)} images{why})")
         + (f", {reused} from {SENSITIVITY}" if reused > 0 else "")
         + (f"; {len(failed)} could not be applied (never chosen)" if failed else ""))
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.io import atomic_write_text
+from autocompress.policy import parse_param_name
 
 __all__ = ["METHODS", "Sensitivity", "kl_damage"]
 
@@ -147,6 +148,7 @@ class Sensitivity:
         self._prefixes: dict[tuple[str, int], _Prefix] | None = None
         self._fisher: "_Fisher | None" = None
         self._bases: dict[str, "_Base | None"] = {}  # the global options of a setting -> the model they make alone
+        self._built: dict[str, nn.Module] = {}  # models built while choosing the method, scored first
         if path is not None and path.is_file():
             self._load(path)
 
@@ -217,28 +219,55 @@ class Sensitivity:
 
     # --- the Fisher method ---------------------------------------------------------------------------------------
 
-    def _choose(self, todo: int) -> None:
-        """``auto``: the KL pass when its projected time fits ``seconds``, else Fisher on as many images as fit."""
+    def _choose(self, todo: list[tuple[str, dict[str, Any]]]) -> None:
+        """``auto``: the KL pass when its projected time fits ``seconds``, else Fisher on as many images as fit.
+
+        Both methods build every setting's model first, and on a big model that is most of the time (DeiT-S: ~0.25 s
+        of the ~0.35 s a Fisher estimate took, the SVD of a new layer, the copy): the projection counts it, timed
+        on one setting of each technique (those models are kept and scored first, nothing is built twice)."""
         n = len(self.images)
         _ = self.reference  # one whole pass over the images, timed
         per_image = self._forward_seconds / max(1, n)
-        projected = todo * n * per_image * KL_SHARE
+        building = self._building_seconds(todo)
+        projected = building + len(todo) * n * per_image * KL_SHARE
         blocks = sum(len(m) for _, m in _containers(self.model))
+        built = f", {building:.0f} s of it building the compressed models"
         if projected <= self.time_budget or not blocks or self.identities is None:
             self.chosen = "kl"
-            self.why = (f"KL pass projected at {projected:.0f} s" + ("" if blocks else ", no Sequential blocks")
+            self.why = (f"KL pass projected at {projected:.0f} s{built}" + ("" if blocks else ", no Sequential blocks")
                         + f" (search.sensitivity_seconds {self.time_budget:g})")
             return
         # a setting then runs one block (and compares it) instead of most of the model
-        fit = int(self.time_budget / max(1e-9, todo * per_image * 1.5 / blocks))
+        room = self.time_budget - building
+        fit = int(room / max(1e-9, len(todo) * per_image * 1.5 / blocks)) if room > 0 else 0
         keep = max(MIN_FISHER_IMAGES, min(n, fit))
         self.chosen = "fisher"
-        self.why = (f"a KL pass over {todo} settings on {n} images is projected at {projected / 60:.0f} min on this "
-                    f"CPU, over search.sensitivity_seconds ({self.time_budget:g} s): each setting is scored by the "
-                    f"Fisher-weighted error of its block's output instead, on {keep} images")
+        self.why = (f"a KL pass over {len(todo)} settings on {n} images is projected at {projected / 60:.0f} min on "
+                    f"this CPU{built}, over search.sensitivity_seconds ({self.time_budget:g} s): each setting is "
+                    f"scored by the Fisher-weighted error of its block's output instead, on {keep} images"
+                    + ("" if room > 0 else " (the fewest allowed: building the models alone does not fit)"))
         self._subset(keep)
         if self.log is not None:
             self.log(f"sensitivity: {self.why} (search.sensitivity: kl keeps the KL pass)")
+
+    def _building_seconds(self, todo: list[tuple[str, dict[str, Any]]]) -> float:
+        """Projected seconds to build the models of ``todo``: one setting of each technique is built and timed (and
+        kept for :meth:`measure`), the others of that technique are taken to cost the same."""
+        groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for key, params in todo:
+            changed = sorted({parse_param_name(k)[0] for k, v in params.items()
+                              if self.identities is None or self.identities.get(k) != v})
+            groups.setdefault(",".join(changed), []).append((key, params))
+        total = 0.0
+        for members in groups.values():
+            key, params = members[0]
+            started = time.perf_counter()
+            try:
+                self._built[key] = self.compress(params)
+            except Exception:  # noqa: BLE001 - measure() records the failure when it builds it again
+                pass
+            total += (time.perf_counter() - started) * len(members)
+        return total
 
     def _subset(self, n: int) -> None:
         if n < len(self.images):
@@ -290,11 +319,11 @@ class Sensitivity:
         todo = [(k, p) for k, p in wanted if k and k not in self.damage]
         started = time.perf_counter()
         if todo and self.chosen is None:
-            self._choose(len(todo))
+            self._choose(todo)
         for key, params in tqdm(todo, desc=f"sensitivity ({self.chosen})", unit="setting",
                                 disable=not progress or not todo, dynamic_ncols=True, leave=False):
             try:
-                candidate = self.compress(params)
+                candidate = self._built.pop(key) if key in self._built else self.compress(params)
                 damage = self._fisher_damage(params, candidate) if self.chosen == "fisher" else None
                 self.by_fisher += damage is not None
                 if damage is None:

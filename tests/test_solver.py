@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 
 import pandas as pd
@@ -258,6 +259,40 @@ def test_auto_scores_by_fisher_only_when_the_kl_pass_would_not_fit_and_a_resume_
     kl = Sensitivity(model, images, compress, path=path, identities=identities, method="kl")
     kl.measure(wanted)
     assert kl.measured == len(wanted)
+
+
+def test_auto_counts_the_time_to_build_each_setting_and_builds_none_twice(trained_tiny, fmnist, plugins):
+    """A compression made slow on purpose (0.1 s a setting): its forward passes fit the time given, building the
+    settings does not, so auto scores by Fisher on the fewest images and says why; each setting is built once."""
+    import time
+
+    from autocompress.sensitivity import MIN_FISHER_IMAGES
+
+    model, _ = trained_tiny
+    images = fmnist.train.images[:128]
+    identities, compress, wanted = _block_settings(model, plugins)
+    wanted = wanted[:6]
+    built: list[str] = []
+
+    def slow(params):
+        time.sleep(0.1)
+        built.append(json.dumps(params, sort_keys=True))
+        return compress(params)
+
+    fast = Sensitivity(model, images, compress, identities=identities, method="auto", seconds=0.5)
+    fast.measure(wanted)
+    assert fast.chosen == "kl", f"the premise: the forward passes alone fit 0.5 s ({fast.why})"
+    lines: list[str] = []
+    sens = Sensitivity(model, images, slow, identities=identities, method="auto", seconds=0.5, log=lines.append)
+    scored = sens.measure(wanted)
+    assert sens.chosen == "fisher" and len(sens.images) == MIN_FISHER_IMAGES
+    assert "building the compressed models" in sens.why and "does not fit" in sens.why, sens.why
+    assert len(lines) == 1 and "search.sensitivity_seconds" in lines[0]
+    base = json.dumps(identities, sort_keys=True)  # the Fisher pass's reference: the global options alone, once
+    assert built.count(base) == 1
+    assert sorted(b for b in built if b != base) == sorted(json.dumps(p, sort_keys=True) for _, p in wanted), \
+        "each setting built once"
+    assert all(math.isfinite(v) for v in scored.values())
 
 
 # --- the solver's path end to end ------------------------------------------------------------------------------------
