@@ -94,16 +94,16 @@ def _without_removed(settings: TechniqueSettings, model: nn.Module, present: set
 
 
 def without_void(policy: Policy, original: nn.Module, compressed: nn.Module) -> Policy:
-    """``policy`` less the layer settings :func:`apply_policy` had to skip: layers of ``original`` that are not in
-    ``compressed`` (a technique removed them, e.g. the Linears of a pruned-away attention). Applied to
-    ``original`` it builds the same model, and it says only what was done, so it is the policy a run saves."""
-    now = {name for name, _ in compressed.named_modules()}
-    gone = {name for name, _ in original.named_modules()} - now
+    """``policy`` less the layer settings :func:`apply_policy` had to skip (:func:`_without_removed`, here with
+    ``compressed`` as the model after the technique that removed them). Applied to ``original`` it builds the same
+    model, and it says only what was done, so it is the policy a run saves. A technique left with nothing is dropped."""
+    present = {name for name, _ in original.named_modules()}
     kept = Policy(model=policy.model)
     for name, settings in policy.techniques.items():
-        layers = {layer: dict(knobs) for layer, knobs in settings.layers.items() if layer not in gone}
-        if layers or settings.options or not settings.layers:
-            kept.techniques[name] = TechniqueSettings(layers=layers, options=dict(settings.options))
+        left = _without_removed(settings, compressed, present)
+        if left.is_empty() and not settings.is_empty():
+            continue  # every layer it set went with a removed branch
+        kept.techniques[name] = copy.deepcopy(left)
     return kept
 
 
