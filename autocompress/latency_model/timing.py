@@ -1,5 +1,5 @@
 """The profiler's timing harness: items timed round by round, passes with forward hooks timing layers inside them,
-and paired ratios (variant / reference in the same round, median over rounds).
+and when their per-round ratios are stable (the ratios themselves: :func:`autocompress.costs.median_ratio`).
 
 End-to-end timings of whole models (trials, the baseline, the profiler's checks) go through
 :func:`autocompress.costs.timed_rounds`; this module times layers *inside* passes, which ``torch.utils.benchmark``
